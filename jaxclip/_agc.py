@@ -1,0 +1,116 @@
+"""Adaptive gradient clipping (AGC): unit-wise, relative to the parameters."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxclip import _base, _clipping, _norms
+from jaxclip._base import Threshold
+
+
+def unitwise_clip(
+    g_norm: jax.typing.ArrayLike,
+    max_norm: jax.typing.ArrayLike,
+    grad: jax.typing.ArrayLike,
+    div_eps: jax.typing.ArrayLike = 1e-6,
+) -> jax.Array:
+  """Scales the units of `grad` whose norm exceeds `max_norm` down to it.
+
+  ``grad * max_norm / max(g_norm, div_eps)`` where ``g_norm > max_norm``,
+  `grad` elsewhere, as `optax.unitwise_clip`. A non-finite `g_norm` leaves
+  the unit unchanged rather than zeroing it.
+
+  Args:
+    g_norm: Unit-wise norms of `grad`, of `grad`'s shape (see
+      `unitwise_norm`).
+    max_norm: Unit-wise largest allowed norms, of `grad`'s shape.
+    grad: The gradient.
+    div_eps: Smallest divisor, guarding against division by zero.
+
+  Returns:
+    The clipped gradient, of `grad`'s shape and dtype.
+
+  Raises:
+    ValueError: If the three arrays do not have the same shape.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import jaxclip
+    >>> g = jnp.array([[3.0], [4.0]])
+    >>> n = jaxclip.unitwise_norm(g)
+    >>> jaxclip.unitwise_clip(n, jnp.full_like(n, 1.0), g)
+    Array([[0.6],
+           [0.8]], dtype=float32)
+  """
+  g_norm, max_norm, grad = map(jnp.asarray, (g_norm, max_norm, grad))
+  if not g_norm.shape == max_norm.shape == grad.shape:
+    raise ValueError(
+        "unitwise_clip needs `g_norm`, `max_norm` and `grad` of one shape, got"
+        f" {g_norm.shape}, {max_norm.shape} and {grad.shape}; broadcast the"
+        " norms with `unitwise_norm`, which returns the gradient's shape."
+    )
+  clipped = jnp.isfinite(g_norm) & (g_norm > max_norm)
+  scale = jnp.where(clipped, max_norm / jnp.maximum(g_norm, div_eps), 1)
+  return jnp.where(clipped, grad * scale, grad).astype(grad.dtype)
+
+
+def adaptive_grad_clip(
+    clipping: Threshold,
+    eps: jax.typing.ArrayLike = 1e-3,
+    axis: int | tuple[int, ...] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Clips each unit's gradient to at most `clipping` times its parameter norm.
+
+  Adaptive gradient clipping (AGC) from NFNets: for each unit (see
+  `unitwise_norm`), when ``||g|| > clipping * max(||w||, eps)`` the gradient
+  is scaled down to that bound. `update` needs the current parameters. The
+  paper leaves the final classifier layer unclipped: wrap this transform in
+  `optax.masked` to do the same.
+
+  Args:
+    clipping: Largest allowed ratio of unit gradient norm to unit parameter
+      norm (>= 0): a number, an array or a schedule ``step -> value``.
+    eps: Smallest parameter norm used, so zero-initialised parameters still
+      get updates.
+    axis: Axis or axes each unit spans; None infers them from the rank.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a
+    `PerTensorClipState` (its `norm` field holds each tensor's largest
+    ratio ``||g|| / max(||w||, eps)``).
+
+  Raises:
+    ValueError: If a concrete `clipping` or `eps` is negative or NaN, or
+      `update` is called without `params`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import jaxclip
+    >>> params = {"w": jnp.array([[1.0], [0.0]])}
+    >>> grads = {"w": jnp.array([[3.0], [4.0]])}
+    >>> tx = jaxclip.adaptive_grad_clip(0.1)
+    >>> clipped, _ = tx.update(grads, tx.init(params), params)
+    >>> clipped["w"]  # unit norm 5 > 0.1 * 1: scaled to norm 0.1
+    Array([[0.06],
+           [0.08]], dtype=float32)
+
+  References:
+    Brock et al., `High-Performance Large-Scale Image Recognition Without
+    Normalization <https://arxiv.org/abs/2102.06171>`_, 2021.
+  """
+  _base.check_threshold(clipping, "clipping")
+  _base.check_threshold(eps, "eps")
+  axis = _base.check_axis(axis)
+
+  def measure(buckets, param_leaves):
+    ratios = []
+    for g, w in zip(buckets.leaves, param_leaves):
+      axes = _norms.unitwise_axes(g, axis)
+      g_norm = _norms.norm_along(g, 2.0, axes)
+      w_norm = _norms.norm_along(w, 2.0, axes)
+      ratios.append(g_norm / jnp.maximum(w_norm, jnp.asarray(eps, w_norm.dtype)))
+    return ratios
+
+  return _clipping.per_tensor_clipper(measure, clipping, "clipping", needs_params=True)
