@@ -1,0 +1,66 @@
+"""Tests of adaptive gradient clipping (`jaxclip._agc`)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxclip
+
+
+def _params_and_grads():
+  keys = jax.random.split(jax.random.key(3), 6)
+  params = {
+      "dense": jax.random.normal(keys[0], (8, 4)),
+      "conv": jax.random.normal(keys[1], (3, 3, 2, 4)),
+      "bias": jnp.zeros((4,)),
+  }
+  grads = {
+      "dense": 5.0 * jax.random.normal(keys[2], (8, 4)),
+      "conv": 0.01 * jax.random.normal(keys[3], (3, 3, 2, 4)),
+      "bias": jax.random.normal(keys[4], (4,)),
+  }
+  return params, grads
+
+
+def test_matches_optax():
+  params, grads = _params_and_grads()
+  tx = jaxclip.adaptive_grad_clip(0.1)
+  ours, state = tx.update(grads, tx.init(params), params)
+  theirs, _ = optax.adaptive_grad_clip(0.1).update(grads, optax.EmptyState(), params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), ours, theirs)
+  assert state.norm.shape == (3,) and bool(jnp.any(state.clipped))
+
+
+def test_unit_norms_bounded_by_ratio():
+  params, grads = _params_and_grads()
+  tx = jaxclip.adaptive_grad_clip(0.1, eps=1e-3)
+  out, _ = tx.update(grads, tx.init(params), params)
+  for name in params:
+    g = jaxclip.unitwise_norm(out[name])
+    w = jnp.maximum(jaxclip.unitwise_norm(params[name]), 1e-3)
+    assert bool(jnp.all(g <= 0.1 * w * (1 + 1e-5)))
+
+
+def test_needs_params():
+  params, grads = _params_and_grads()
+  tx = jaxclip.adaptive_grad_clip(0.1)
+  with pytest.raises(ValueError, match="params"):
+    tx.update(grads, tx.init(params))
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="clipping"):
+    jaxclip.adaptive_grad_clip(-1.0)
+  with pytest.raises(ValueError, match="eps"):
+    jaxclip.adaptive_grad_clip(0.1, eps=float("nan"))
+
+
+def test_unitwise_clip_matches_optax_and_checks_shapes():
+  g = jax.random.normal(jax.random.key(4), (5, 3))
+  n = jaxclip.unitwise_norm(g)
+  m = jnp.full_like(n, 0.5)
+  np.testing.assert_allclose(jaxclip.unitwise_clip(n, m, g), optax.transforms.unitwise_clip(n, m, g), rtol=1e-6)
+  with pytest.raises(ValueError, match="shape"):
+    jaxclip.unitwise_clip(n[:1], m, g)

@@ -1,0 +1,224 @@
+"""Tests of the fixed-threshold clippers (`jaxclip._clipping`)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxclip
+
+
+def _tree(scale=1.0):
+  key = jax.random.key(0)
+  k1, k2 = jax.random.split(key)
+  return {
+      "w": scale * jax.random.normal(k1, (6, 4)),
+      "b": scale * jax.random.normal(k2, (4,)),
+      "step": jnp.array(3, jnp.int32),
+  }
+
+
+def _update(tx, g, params=None):
+  return tx.update(g, tx.init(g if params is None else params), params)
+
+
+class TestClipByGlobalNorm:
+  def test_scales_down_to_threshold_keeping_direction(self):
+    g = _tree(10.0)
+    out, state = _update(jaxclip.clip_by_global_norm(1.0), g)
+    assert float(state.norm) > 1.0 and bool(state.clipped)
+    np.testing.assert_allclose(jaxclip.global_norm(out), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(out["w"], g["w"] * state.scale, rtol=1e-6)
+    assert out["step"] is g["step"]
+    assert int(state.count) == 1 and float(state.threshold) == 1.0
+
+  def test_identity_at_and_below_threshold(self):
+    g = {"a": jnp.array([3.0, 4.0])}
+    for max_norm in (5.0, 6.0):
+      out, state = _update(jaxclip.clip_by_global_norm(max_norm), g)
+      np.testing.assert_array_equal(out["a"], g["a"])
+      assert not bool(state.clipped) and float(state.scale) == 1.0
+
+  def test_matches_optax(self):
+    g = _tree(10.0)
+    del g["step"]
+    ours, _ = _update(jaxclip.clip_by_global_norm(2.0), g)
+    theirs, _ = optax.clip_by_global_norm(2.0).update(g, optax.EmptyState())
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), ours, theirs)
+
+  @pytest.mark.parametrize("max_norm", [0.0, 1.0])
+  def test_zero_gradients_stay_zero_without_nan(self, max_norm):
+    g = {"a": jnp.zeros((3,)), "b": jnp.zeros((2, 2), jnp.bfloat16)}
+    out, state = _update(jaxclip.clip_by_global_norm(max_norm), g)
+    for leaf in jax.tree.leaves(out):
+      assert not bool(jnp.any(leaf != 0))
+    assert float(state.norm) == 0.0 and float(state.scale) == 1.0
+
+  def test_zero_threshold_zeroes_updates(self):
+    out, _ = _update(jaxclip.clip_by_global_norm(0.0), {"a": jnp.array([1.0, -2.0])})
+    np.testing.assert_array_equal(out["a"], [0.0, 0.0])
+
+  def test_gradient_through_update_finite_at_zero(self):
+    tx = jaxclip.clip_by_global_norm(1.0)
+
+    def f(x):
+      out, _ = tx.update({"a": x}, tx.init({"a": x}))
+      return jnp.sum(out["a"] ** 2) + jaxclip.global_norm(out)
+
+    grad = jax.grad(f)(jnp.zeros(4))
+    assert bool(jnp.all(jnp.isfinite(grad)))
+
+  @pytest.mark.parametrize("bad", [jnp.inf, jnp.nan])
+  def test_non_finite_norm_passes_updates_through(self, bad):
+    g = {"a": jnp.array([1.0, bad]), "b": jnp.array([2.0, 3.0])}
+    out, state = _update(jaxclip.clip_by_global_norm(1.0), g)
+    np.testing.assert_array_equal(out["b"], g["b"])  # finite entries not zeroed
+    np.testing.assert_array_equal(out["a"], g["a"])
+    assert not bool(state.clipped) and not bool(jnp.isfinite(state.norm))
+
+  def test_ord_one_and_inf(self):
+    g = {"a": jnp.array([3.0, -4.0])}
+    out, state = _update(jaxclip.clip_by_global_norm(3.5, ord=1), g)
+    np.testing.assert_allclose(out["a"], g["a"] * 0.5, rtol=1e-6)
+    out, state = _update(jaxclip.clip_by_global_norm(2.0, ord=math.inf), g)
+    np.testing.assert_allclose(out["a"], g["a"] * 0.5, rtol=1e-6)
+
+  def test_schedule_threshold(self):
+    tx = jaxclip.clip_by_global_norm(lambda step: 1.0 + step)
+    g = {"a": jnp.array([30.0, 40.0])}
+    state = tx.init(g)
+    norms = []
+    for _ in range(3):
+      out, state = tx.update(g, state)
+      norms.append(float(jaxclip.global_norm(out)))
+    np.testing.assert_allclose(norms, [1.0, 2.0, 3.0], rtol=1e-6)
+    assert float(state.threshold) == 3.0
+
+  def test_inject_hyperparams_on_mixed_dtypes(self):
+    tx = optax.inject_hyperparams(jaxclip.clip_by_global_norm)(max_norm=1.0)
+    g = {"a": jnp.full((3,), 2.0, jnp.bfloat16), "b": jnp.full((4,), 2.0)}
+    out, state = jax.jit(tx.update)(g, tx.init(g))
+    assert out["a"].dtype == jnp.bfloat16 and out["b"].dtype == jnp.float32
+    np.testing.assert_allclose(jaxclip.global_norm(out), 1.0, rtol=1e-2)
+    state.hyperparams["max_norm"] = jnp.asarray(100.0)
+    out, _ = jax.jit(tx.update)(g, state)
+    np.testing.assert_array_equal(out["b"], g["b"])
+
+  @pytest.mark.parametrize("foreign", [optax.EmptyState(), None, ()])
+  def test_accepts_stateless_states(self, foreign):
+    g = {"a": jnp.array([3.0, 4.0])}
+    out, state = jaxclip.clip_by_global_norm(1.0).update(g, foreign)
+    np.testing.assert_allclose(out["a"], [0.6, 0.8], rtol=1e-6)
+    assert state is foreign
+
+  def test_schedule_with_stateless_state_is_an_error(self):
+    tx = jaxclip.clip_by_global_norm(lambda n: 1.0)
+    with pytest.raises(ValueError, match="schedule"):
+      tx.update({"a": jnp.ones(2)}, optax.EmptyState())
+
+  @pytest.mark.parametrize("bad", [-1.0, float("nan"), np.array([-2.0])])
+  def test_bad_threshold(self, bad):
+    with pytest.raises(ValueError, match="max_norm"):
+      jaxclip.clip_by_global_norm(bad)
+
+  def test_bad_threshold_type(self):
+    with pytest.raises(TypeError, match="max_norm"):
+      jaxclip.clip_by_global_norm("1.0")
+
+  def test_masked_nodes_and_none_pass_through(self):
+    params = {"a": jnp.ones(2), "b": jnp.ones(3), "c": None}
+    tx = optax.masked(jaxclip.clip_by_global_norm(1.0), {"a": True, "b": False, "c": False})
+    g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([30.0, 0, 0]), "c": None}
+    out, _ = tx.update(g, tx.init(params))
+    np.testing.assert_allclose(out["a"], [0.6, 0.8], rtol=1e-6)
+    np.testing.assert_array_equal(out["b"], g["b"])
+    assert out["c"] is None
+
+
+class TestClipByNorm:
+  def test_tensorflow_worked_example(self):
+    out, state = _update(jaxclip.clip_by_norm(5.0), {"t": jnp.array([-2.0, 3.0, 6.0])})
+    np.testing.assert_allclose(out["t"], np.array([-2.0, 3.0, 6.0]) * 5 / 7, rtol=1e-6)
+    np.testing.assert_allclose(state.norm, [7.0], rtol=1e-6)
+    np.testing.assert_array_equal(state.clipped, [True])
+
+  def test_each_leaf_separately(self):
+    g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.3, 0.4]), "i": jnp.arange(2)}
+    out, state = _update(jaxclip.clip_by_norm(1.0), g)
+    np.testing.assert_allclose(out["a"], [0.6, 0.8], rtol=1e-6)
+    np.testing.assert_array_equal(out["b"], g["b"])
+    np.testing.assert_array_equal(out["i"], g["i"])
+    assert state.norm.shape == (2,)  # one entry per floating leaf
+
+  def test_many_small_leaves(self):
+    g = {f"p{i:03d}": jnp.full((4,), float(i)) for i in range(100)}
+    out, state = jax.jit(jaxclip.clip_by_norm(4.0).update)(g, jaxclip.clip_by_norm(4.0).init(g))
+    for i in range(100):
+      expected = np.full(4, float(i)) * min(1.0, 4.0 / (2.0 * i)) if i else np.zeros(4)
+      np.testing.assert_allclose(out[f"p{i:03d}"], expected, rtol=1e-6)
+    np.testing.assert_allclose(state.norm, 2.0 * np.arange(100), rtol=1e-6)
+
+  def test_axis(self):
+    g = jnp.array([[3.0, 0.3], [4.0, 0.4]])
+    out, state = _update(jaxclip.clip_by_norm(1.0, axis=0), g)
+    np.testing.assert_allclose(out, [[0.6, 0.3], [0.8, 0.4]], rtol=1e-6)
+    np.testing.assert_allclose(state.norm, [5.0], rtol=1e-6)
+    np.testing.assert_allclose(state.scale, [0.2], rtol=1e-6)
+
+  def test_axis_out_of_range(self):
+    with pytest.raises(ValueError, match="axis=2"):
+      _update(jaxclip.clip_by_norm(1.0, axis=2), {"a": jnp.ones((2, 2))})
+
+  def test_bad_axis_type(self):
+    with pytest.raises(TypeError, match="axis"):
+      jaxclip.clip_by_norm(1.0, axis="0")
+
+
+class TestClipByValue:
+  def test_bounds_and_record(self):
+    g = {"a": jnp.array([-3.0, 0.2, 2.0, jnp.inf, -jnp.inf])}
+    out, state = _update(jaxclip.clip_by_value(-1.0, 0.5), g)
+    np.testing.assert_array_equal(out["a"], np.float32([-1.0, 0.2, 0.5, 0.5, -1.0]))
+    np.testing.assert_allclose(state.clipped_fraction, 0.8, rtol=1e-6)
+    assert bool(state.clipped) and float(state.max_abs) == math.inf
+
+  def test_nan_stays_nan(self):
+    out, _ = _update(jaxclip.clip(1.0), jnp.array([jnp.nan, 5.0]))
+    assert bool(jnp.isnan(out[0])) and float(out[1]) == 1.0
+
+  def test_clip_matches_optax(self):
+    g = _tree(3.0)
+    del g["step"]  # optax also clips integer leaves; jaxclip leaves them alone
+    ours, _ = _update(jaxclip.clip(1.0), g)
+    theirs, _ = optax.clip(1.0).update(g, optax.EmptyState())
+    jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+
+  def test_min_above_max(self):
+    with pytest.raises(ValueError, match="min_value"):
+      jaxclip.clip_by_value(1.0, -1.0)
+
+  def test_negative_max_delta(self):
+    with pytest.raises(ValueError, match="max_delta"):
+      jaxclip.clip(-0.1)
+
+  def test_bf16_preserved(self):
+    out, _ = _update(jaxclip.clip(1.0), jnp.array([3.0, -0.5], jnp.bfloat16))
+    assert out.dtype == jnp.bfloat16
+
+
+class TestClipByBlockRMS:
+  def test_matches_optax(self):
+    g = _tree(5.0)
+    del g["step"]
+    ours, state = _update(jaxclip.clip_by_block_rms(1.0), g)
+    theirs, _ = optax.clip_by_block_rms(1.0).update(g, optax.EmptyState())
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), ours, theirs)
+    for leaf in jax.tree.leaves(ours):
+      assert float(jnp.sqrt(jnp.mean(leaf**2))) <= 1.0 + 1e-6
+
+  def test_zero_update_zero_threshold(self):
+    out, _ = _update(jaxclip.clip_by_block_rms(0.0), jnp.zeros(3))
+    np.testing.assert_array_equal(out, np.zeros(3))

@@ -1,0 +1,153 @@
+"""Tests of the norm kernel (`jaxclip._norms`)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxclip
+from jaxclip import _norms
+
+ORDS = [2, 1, math.inf, "inf", 0.5, 3]
+
+
+def _np_norm(leaves, p):
+  flat = np.concatenate([np.abs(np.asarray(x, np.float64)).ravel() for x in leaves])
+  if p == math.inf:
+    return flat.max(initial=0.0)
+  return (flat**p).sum() ** (1 / p)
+
+
+def _random_tree(key, n_small=0):
+  k1, k2, k3 = jax.random.split(key, 3)
+  tree = {
+      "w": jax.random.normal(k1, (8, 5)),
+      "b": [jax.random.normal(k2, (5,)), jax.random.normal(k3, ())],
+  }
+  for i in range(n_small):
+    tree[f"s{i:03d}"] = jax.random.normal(jax.random.fold_in(key, i), (i % 5 + 1,))
+  return tree
+
+
+@pytest.mark.parametrize("ord", ORDS)
+@pytest.mark.parametrize("n_small", [0, 100])  # 100 small leaves are bucketed
+def test_matches_float64_reference(ord, n_small):
+  tree = _random_tree(jax.random.key(0), n_small)
+  p = math.inf if ord == "inf" else ord
+  expected = _np_norm(jax.tree.leaves(tree), p)
+  np.testing.assert_allclose(jaxclip.global_norm(tree, ord), expected, rtol=2e-6)
+  np.testing.assert_allclose(jax.jit(jaxclip.global_norm, static_argnums=1)(tree, ord), expected, rtol=2e-6)
+
+
+def test_bf16_accumulates_in_float32():
+  tree = [jnp.ones((1000,), jnp.bfloat16) for _ in range(1000)]
+  assert float(jaxclip.global_norm(tree)) == 1000.0
+  assert jaxclip.global_norm(tree).dtype == jnp.float32
+
+
+def test_fp16_squares_overflowing_fp16():
+  x = jnp.full((10,), 60000.0, jnp.float16)  # 60000**2 overflows fp16
+  np.testing.assert_allclose(jaxclip.global_norm(x), 60000.0 * math.sqrt(10), rtol=1e-6)
+
+
+@pytest.mark.parametrize("value", [1e20, 1e30, 1e38])
+@pytest.mark.parametrize("ord", [2, 3, 0.5])
+def test_no_overflow_for_finite_float32(value, ord):
+  x = jnp.full((4,), value, jnp.float32)
+  expected = value * 4 ** (1 / ord)
+  got = jax.jit(jaxclip.global_norm, static_argnums=1)(x, ord)
+  if expected < float(jnp.finfo(jnp.float32).max):
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+  else:  # The true norm is not representable.
+    assert got == jnp.inf
+
+
+def test_tiny_values_keep_precision():
+  x = jnp.full((4,), 1e-30, jnp.float32)  # squares underflow float32
+  np.testing.assert_allclose(jaxclip.global_norm(x), 2e-30, rtol=1e-6)
+
+
+def test_complex_leaves_use_modulus():
+  assert float(jaxclip.global_norm(jnp.array([3 + 4j], jnp.complex64))) == 5.0
+
+
+def test_empty_and_integer_trees_have_norm_zero():
+  assert float(jaxclip.global_norm({})) == 0.0
+  assert float(jaxclip.global_norm([jnp.arange(3), None])) == 0.0
+  assert float(jaxclip.global_norm({"i": jnp.arange(3), "f": jnp.array([3.0, 4.0])})) == 5.0
+
+
+@pytest.mark.parametrize("ord", ORDS)
+def test_gradient_at_zero_is_finite(ord):
+  grad = jax.grad(lambda x: jaxclip.global_norm(x, ord))(jnp.zeros(3))
+  assert bool(jnp.all(jnp.isfinite(grad)))
+
+
+def test_gradient_matches_analytic_away_from_zero():
+  x = jnp.array([3.0, 4.0])
+  np.testing.assert_allclose(jax.grad(jaxclip.global_norm)(x), x / 5.0, rtol=1e-6)
+
+
+def test_non_finite_values():
+  assert jaxclip.global_norm(jnp.array([1.0, jnp.inf])) == jnp.inf
+  assert jnp.isnan(jaxclip.global_norm(jnp.array([1.0, jnp.nan])))
+  assert jnp.isnan(jaxclip.global_norm([jnp.array([jnp.inf]), jnp.array([jnp.nan])]))
+  assert jaxclip.global_norm(jnp.array([-jnp.inf, 1.0]), math.inf) == jnp.inf
+
+
+def test_float64_accumulates_in_float64():
+  with jax.enable_x64(True):
+    x = jnp.array([1e200, 1e200], jnp.float64)
+    got = jaxclip.global_norm(x)
+    assert got.dtype == jnp.float64
+    np.testing.assert_allclose(got, 1e200 * math.sqrt(2), rtol=1e-12)
+
+
+def test_agrees_with_optax_in_float32():
+  tree = _random_tree(jax.random.key(1), 40)
+  np.testing.assert_allclose(jaxclip.global_norm(tree), optax.tree.norm(tree), rtol=1e-6)
+
+
+@pytest.mark.parametrize("ord", [0, -1, float("nan"), -math.inf])
+def test_bad_ord_values(ord):
+  with pytest.raises(ValueError, match="`ord`"):
+    jaxclip.global_norm(jnp.ones(2), ord)
+
+
+@pytest.mark.parametrize("ord", ["fro", True, None, [2]])
+def test_bad_ord_types(ord):
+  with pytest.raises((TypeError, ValueError), match="`ord`"):
+    jaxclip.global_norm(jnp.ones(2), ord)
+
+
+def test_per_leaf_norms_keep_leaf_order_with_buckets():
+  leaves = [jnp.full((3,), float(i)) for i in range(40)] + [jnp.full((20000,), 2.0)]
+  leaves = leaves[20:] + leaves[:20]  # a large leaf in the middle of small ones
+  got = _norms.per_leaf_norms(_norms.Buckets(leaves), 2.0)
+  expected = [np.linalg.norm(np.asarray(x)) for x in leaves]
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape,axes",
+    [((5,), None), ((4, 3), (0,)), ((2, 4, 3), (0,)), ((3, 3, 2, 4), (0, 1, 2)),
+     ((2, 2, 2, 3, 4), (0, 1, 2, 3)), ((1, 5), None)],
+)
+def test_unitwise_norm_default_axes(shape, axes):
+  x = jax.random.normal(jax.random.key(2), shape)
+  ref = np.sqrt(np.sum(np.asarray(x, np.float64) ** 2, axis=axes, keepdims=True))
+  got = jaxclip.unitwise_norm(x)
+  assert got.shape == shape
+  np.testing.assert_allclose(got, np.broadcast_to(ref, shape), rtol=1e-6)
+
+
+def test_unitwise_norm_explicit_axis_and_rank_error():
+  x = jnp.arange(12.0).reshape(3, 4)
+  np.testing.assert_allclose(
+      jaxclip.unitwise_norm(x, axis=1)[:, 0], np.linalg.norm(np.asarray(x), axis=1), rtol=1e-6
+  )
+  with pytest.raises(ValueError, match="axis="):
+    jaxclip.unitwise_norm(jnp.ones((1, 2, 1, 2, 1, 2)))

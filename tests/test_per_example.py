@@ -1,0 +1,58 @@
+"""Tests of per-example (DP-SGD) clipping (`jaxclip._per_example`)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxclip
+
+
+def _grads():
+  k1, k2 = jax.random.split(jax.random.key(5))
+  return {"w": jax.random.normal(k1, (6, 4, 3)), "b": 3.0 * jax.random.normal(k2, (6, 3))}
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5, 2.0, 100.0])
+def test_global_matches_optax(clip):
+  g = _grads()
+  ours = jaxclip.per_example_global_norm_clip(g, clip)
+  theirs = optax.per_example_global_norm_clip(g, clip)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ours, theirs)
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_layer_matches_optax(uniform):
+  g = _grads()
+  ours = jaxclip.per_example_layer_norm_clip(g, 1.0, uniform)
+  theirs = optax.per_example_layer_norm_clip(g, 1.0, uniform)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), ours, theirs)
+
+
+def test_each_example_bounded():
+  g = _grads()
+  for i in range(6):
+    one = jax.tree.map(lambda x: x[i : i + 1], g)
+    s, _ = jaxclip.per_example_global_norm_clip(one, 0.5)
+    assert float(jaxclip.global_norm(s)) <= 0.5 * (1 + 1e-6)
+
+
+def test_bf16_kept_and_jit():
+  g = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _grads())
+  s, n = jax.jit(jaxclip.per_example_global_norm_clip)(g, 1.0)
+  assert s["w"].dtype == jnp.bfloat16 and n.dtype == jnp.int32
+
+
+def test_missing_batch_axis():
+  with pytest.raises(ValueError, match="batch"):
+    jaxclip.per_example_global_norm_clip({"a": jnp.ones((3, 2)), "b": jnp.ones((4,))}, 1.0)
+  with pytest.raises(ValueError, match="batch"):
+    jaxclip.per_example_layer_norm_clip([jnp.ones(())], 1.0)
+  with pytest.raises(ValueError, match="no gradients"):
+    jaxclip.per_example_global_norm_clip([], 1.0)
+
+
+def test_negative_clip():
+  with pytest.raises(ValueError, match="l2_norm_clip"):
+    jaxclip.per_example_global_norm_clip(_grads(), -1.0)
