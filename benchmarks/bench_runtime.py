@@ -1,0 +1,89 @@
+"""Step time of global-norm clipping chained with AdamW, against optax.
+
+Runs one jitted optimizer step (update + apply_updates, buffers donated) on
+gradients shaped like a 40M-parameter transformer, for:
+
+* bare `optax.adamw`,
+* `optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(...))`,
+* `optax.chain(jaxclip.clip_by_global_norm(1.0), optax.adamw(...))`,
+
+interleaving the variants round by round so that machine noise hits them
+alike, and prints the median step time of each and the ratios.
+
+Usage: python benchmarks/bench_runtime.py [--rounds 30] [--dtype float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import _common  # noqa: E402
+
+import jaxclip  # noqa: E402
+
+
+def make_step(tx):
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--rounds", type=int, default=30)
+  parser.add_argument("--steps-per-round", type=int, default=5)
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--d-model", type=int, default=672)
+  parser.add_argument("--layers", type=int, default=7)
+  args = parser.parse_args()
+
+  dtype = jnp.dtype(args.dtype)
+  grads = _common.transformer_tree(args.d_model, args.layers, dtype=dtype)
+  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, optax {optax.__version__}")
+  print(f"tree: {_common.count_params(grads) / 1e6:.1f}M parameters, {len(jax.tree.leaves(grads))} leaves, {args.dtype}")
+
+  variants = {
+      "adamw": optax.adamw(1e-3),
+      "optax clip + adamw": optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)),
+      "jaxclip clip + adamw": optax.chain(jaxclip.clip_by_global_norm(1.0), optax.adamw(1e-3)),
+  }
+  runners = {}
+  for name, tx in variants.items():
+    params = jax.tree.map(jnp.copy, grads)
+    box = {"params": params, "state": tx.init(params), "step": make_step(tx)}
+
+    def run(box=box):
+      for _ in range(args.steps_per_round):
+        box["params"], box["state"] = box["step"](box["params"], box["state"], grads)
+      jax.block_until_ready(box["params"])
+
+    run()  # compile and warm up
+    run()
+    runners[name] = run
+
+  times = {name: [] for name in runners}
+  for _ in range(args.rounds):
+    for name, run in runners.items():
+      times[name] += [t / args.steps_per_round for t in _common.time_steps(run, 1)]
+
+  base = _common.median(times["adamw"])
+  optax_clip = _common.median(times["optax clip + adamw"])
+  print(f"{'variant':<24}{'median step':>14}{'vs adamw':>10}{'vs optax clip':>15}")
+  for name, ts in times.items():
+    m = _common.median(ts)
+    print(f"{name:<24}{m * 1e3:>11.3f} ms{m / base:>9.3f}x{m / optax_clip:>14.3f}x")
+
+
+if __name__ == "__main__":
+  main()
