@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 
 def transformer_tree(
-    d_model: int = 672, layers: int = 7, vocab: int = 4096, dtype=jnp.float32
+  d_model: int = 672, layers: int = 7, vocab: int = 4096, dtype=jnp.float32
 ) -> dict:
   """Gradients shaped like a GPT-style transformer (about 40M parameters and
   87 leaves with the defaults)."""
@@ -19,12 +19,12 @@ def transformer_tree(
   shapes = {"embed": (vocab, d_model), "final_ln": {"scale": (d_model,), "bias": (d_model,)}}
   for i in range(layers):
     shapes[f"layer_{i:02d}"] = {
-        "qkv": {"kernel": (d_model, 3 * d_model), "bias": (3 * d_model,)},
-        "out": {"kernel": (d_model, d_model), "bias": (d_model,)},
-        "mlp_in": {"kernel": (d_model, 4 * d_model), "bias": (4 * d_model,)},
-        "mlp_out": {"kernel": (4 * d_model, d_model), "bias": (d_model,)},
-        "ln1": {"scale": (d_model,), "bias": (d_model,)},
-        "ln2": {"scale": (d_model,), "bias": (d_model,)},
+      "qkv": {"kernel": (d_model, 3 * d_model), "bias": (3 * d_model,)},
+      "out": {"kernel": (d_model, d_model), "bias": (d_model,)},
+      "mlp_in": {"kernel": (d_model, 4 * d_model), "bias": (4 * d_model,)},
+      "mlp_out": {"kernel": (4 * d_model, d_model), "bias": (d_model,)},
+      "ln1": {"scale": (d_model,), "bias": (d_model,)},
+      "ln2": {"scale": (d_model,), "bias": (d_model,)},
     }
   leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
   keys = jax.random.split(key, len(leaves))

@@ -37,7 +37,9 @@ def main() -> None:
   parser.add_argument("--leaves", type=int, nargs="+", default=[500, 1000, 2000, 4000])
   parser.add_argument("--optax-max-leaves", type=int, default=2000)
   args = parser.parse_args()
-  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, optax {optax.__version__}")
+  print(
+    f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, optax {optax.__version__}"
+  )
   print(f"{'leaves':>7}{'jaxclip':>10}{'optax':>10}{'optax/jaxclip':>15}")
   for n in args.leaves:
     tree = {f"p{i:05d}": jnp.ones((16,), jnp.float32) for i in range(n)}

@@ -50,13 +50,17 @@ def main() -> None:
 
   dtype = jnp.dtype(args.dtype)
   grads = _common.transformer_tree(args.d_model, args.layers, dtype=dtype)
-  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, optax {optax.__version__}")
-  print(f"tree: {_common.count_params(grads) / 1e6:.1f}M parameters, {len(jax.tree.leaves(grads))} leaves, {args.dtype}")
+  print(
+    f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, optax {optax.__version__}"
+  )
+  print(
+    f"tree: {_common.count_params(grads) / 1e6:.1f}M parameters, {len(jax.tree.leaves(grads))} leaves, {args.dtype}"
+  )
 
   variants = {
-      "adamw": optax.adamw(1e-3),
-      "optax clip + adamw": optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)),
-      "jaxclip clip + adamw": optax.chain(jaxclip.clip_by_global_norm(1.0), optax.adamw(1e-3)),
+    "adamw": optax.adamw(1e-3),
+    "optax clip + adamw": optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)),
+    "jaxclip clip + adamw": optax.chain(jaxclip.clip_by_global_norm(1.0), optax.adamw(1e-3)),
   }
   runners = {}
   for name, tx in variants.items():

@@ -26,10 +26,10 @@ HIDDEN, LENGTH, BATCH = 32, 40, 64
 def init_params(key):
   k1, k2, k3 = jax.random.split(key, 3)
   return {
-      "w_in": jax.random.normal(k1, (1, HIDDEN)),
-      "w_rec": 1.6 * jax.random.normal(k2, (HIDDEN, HIDDEN)) / jnp.sqrt(HIDDEN),
-      "b": jnp.zeros(HIDDEN),
-      "w_out": jax.random.normal(k3, (HIDDEN, 1)) / jnp.sqrt(HIDDEN),
+    "w_in": jax.random.normal(k1, (1, HIDDEN)),
+    "w_rec": 1.6 * jax.random.normal(k2, (HIDDEN, HIDDEN)) / jnp.sqrt(HIDDEN),
+    "b": jnp.zeros(HIDDEN),
+    "w_out": jax.random.normal(k3, (HIDDEN, 1)) / jnp.sqrt(HIDDEN),
   }
 
 
@@ -88,8 +88,10 @@ def main() -> None:
     print(f"{i:>5} | {l0:>10.4g} {n0:>12.4g} | {l1:>10.4g} {n1:>12.4g}")
   final_plain, final_clip = plain[-1][0], clipped[-1][0]
   print(f"\nfinal loss without clipping: {final_plain:.4g}; with clipping: {final_clip:.4g}")
-  print(f"largest gradient norm seen: {max(n for _, n in plain):.4g} (no clipping),"
-        f" {max(n for _, n in clipped):.4g} (clipping)")
+  print(
+    f"largest gradient norm seen: {max(n for _, n in plain):.4g} (no clipping),"
+    f" {max(n for _, n in clipped):.4g} (clipping)"
+  )
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ from jaxclip._base import Threshold
 
 
 def unitwise_clip(
-    g_norm: jax.typing.ArrayLike,
-    max_norm: jax.typing.ArrayLike,
-    grad: jax.typing.ArrayLike,
-    div_eps: jax.typing.ArrayLike = 1e-6,
+  g_norm: jax.typing.ArrayLike,
+  max_norm: jax.typing.ArrayLike,
+  grad: jax.typing.ArrayLike,
+  div_eps: jax.typing.ArrayLike = 1e-6,
 ) -> jax.Array:
   """Scales the units of `grad` whose norm exceeds `max_norm` down to it.
 
@@ -47,9 +47,9 @@ def unitwise_clip(
   g_norm, max_norm, grad = map(jnp.asarray, (g_norm, max_norm, grad))
   if not g_norm.shape == max_norm.shape == grad.shape:
     raise ValueError(
-        "unitwise_clip needs `g_norm`, `max_norm` and `grad` of one shape, got"
-        f" {g_norm.shape}, {max_norm.shape} and {grad.shape}; broadcast the"
-        " norms with `unitwise_norm`, which returns the gradient's shape."
+      "unitwise_clip needs `g_norm`, `max_norm` and `grad` of one shape, got"
+      f" {g_norm.shape}, {max_norm.shape} and {grad.shape}; broadcast the"
+      " norms with `unitwise_norm`, which returns the gradient's shape."
     )
   clipped = jnp.isfinite(g_norm) & (g_norm > max_norm)
   scale = jnp.where(clipped, max_norm / jnp.maximum(g_norm, div_eps), 1)
@@ -57,9 +57,9 @@ def unitwise_clip(
 
 
 def adaptive_grad_clip(
-    clipping: Threshold,
-    eps: jax.typing.ArrayLike = 1e-3,
-    axis: int | tuple[int, ...] | None = None,
+  clipping: Threshold,
+  eps: jax.typing.ArrayLike = 1e-3,
+  axis: int | tuple[int, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Clips each unit's gradient to at most `clipping` times its parameter norm.
 

@@ -37,21 +37,20 @@ def check_threshold(value: Threshold, name: str, *, allow_negative: bool = False
     raise TypeError(f"`{name}` must be a number or an array, got the bool {value!r}.")
   if not isinstance(value, numbers.Number | np.ndarray | np.generic | jax.Array):
     raise TypeError(
-        f"`{name}` must be a number, an array or a schedule (a callable taking"
-        f" the step count), got {value!r} of type {type(value).__name__}."
+      f"`{name}` must be a number, an array or a schedule (a callable taking"
+      f" the step count), got {value!r} of type {type(value).__name__}."
     )
   arr = np.asarray(value)
   if not np.issubdtype(arr.dtype, np.number):
     raise TypeError(f"`{name}` must be numeric, got dtype {arr.dtype}.")
   if np.any(np.isnan(arr)):
     raise ValueError(
-        f"`{name}` is NaN ({value!r}); pass a number such as 1.0, or math.inf to"
-        " disable clipping."
+      f"`{name}` is NaN ({value!r}); pass a number such as 1.0, or math.inf to disable clipping."
     )
   if not allow_negative and np.any(arr < 0):
     raise ValueError(
-        f"`{name}` must be >= 0, got {value!r}. A threshold of 0 zeroes every"
-        " non-zero update and math.inf disables clipping."
+      f"`{name}` must be >= 0, got {value!r}. A threshold of 0 zeroes every"
+      " non-zero update and math.inf disables clipping."
     )
 
 
@@ -62,8 +61,8 @@ def check_ord(ord: Any, name: str = "ord") -> float:
   if isinstance(ord, jax.Array | np.ndarray | np.generic):
     if not is_concrete(ord):
       raise TypeError(
-          f"`{name}` must be a Python number, not a traced array. Under"
-          f" `optax.inject_hyperparams`, pass static_args=('{name}',)."
+        f"`{name}` must be a Python number, not a traced array. Under"
+        f" `optax.inject_hyperparams`, pass static_args=('{name}',)."
       )
     if np.ndim(ord) != 0:
       raise ValueError(f"`{name}` must be a scalar, got shape {np.shape(ord)}.")
@@ -78,7 +77,7 @@ def check_axis(axis: Any, name: str = "axis") -> int | tuple[int, ...] | None:
   if isinstance(axis, int) and not isinstance(axis, bool):
     return axis
   if isinstance(axis, tuple | list) and all(
-      isinstance(a, int) and not isinstance(a, bool) for a in axis
+    isinstance(a, int) and not isinstance(a, bool) for a in axis
   ):
     return tuple(axis)
   raise TypeError(f"`{name}` must be None, an int or a tuple of ints, got {axis!r}.")
@@ -106,9 +105,7 @@ def inexact_leaves(tree: Any) -> list[jax.Array]:
 
 def map_inexact(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
   """Maps `fn` over the floating leaves of `tree`; other leaves pass through."""
-  return jax.tree.map(
-      lambda x, *r: fn(x, *r) if _norms.is_inexact(x) else x, tree, *rest
-  )
+  return jax.tree.map(lambda x, *r: fn(x, *r) if _norms.is_inexact(x) else x, tree, *rest)
 
 
 def scale_leaf(x: jax.Array, scale: jax.Array) -> jax.Array:
@@ -145,10 +142,10 @@ def step_count(state: Any, state_type: type, thresholds: dict[str, Any]) -> jax.
   for name, value in thresholds.items():
     if callable(value):
       raise ValueError(
-          f"`{name}` is a schedule, which needs the step count kept in the"
-          f" state returned by `init`; got a state of type"
-          f" {type(state).__name__}. Call `state = tx.init(params)` and pass"
-          " that state to `update`."
+        f"`{name}` is a schedule, which needs the step count kept in the"
+        f" state returned by `init`; got a state of type"
+        f" {type(state).__name__}. Call `state = tx.init(params)` and pass"
+        " that state to `update`."
       )
   return zero_count()
 
@@ -160,4 +157,3 @@ def next_state(old: Any, state_type: type, new: Any) -> Any:
 
 def as_bool(x: Any) -> jax.Array:
   return jnp.asarray(x, dtype=bool)
-

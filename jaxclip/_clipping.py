@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,7 +83,7 @@ def _f(x: float, dtype: jnp.dtype = jnp.float32) -> jax.Array:
 
 
 def clip_by_value(
-    min_value: Threshold, max_value: Threshold
+  min_value: Threshold, max_value: Threshold
 ) -> optax.GradientTransformationExtraArgs:
   """Clips every entry of the updates to ``[min_value, max_value]``.
 
@@ -118,15 +118,14 @@ def clip_by_value(
   _base.check_threshold(min_value, "min_value", allow_negative=True)
   _base.check_threshold(max_value, "max_value", allow_negative=True)
   if (
-      not callable(min_value)
-      and not callable(max_value)
-      and _base.is_concrete(min_value)
-      and _base.is_concrete(max_value)
-      and bool(jnp.any(jnp.asarray(min_value) > jnp.asarray(max_value)))
+    not callable(min_value)
+    and not callable(max_value)
+    and _base.is_concrete(min_value)
+    and _base.is_concrete(max_value)
+    and bool(jnp.any(jnp.asarray(min_value) > jnp.asarray(max_value)))
   ):
     raise ValueError(
-        f"`min_value` ({min_value!r}) must be <= `max_value` ({max_value!r});"
-        " swap them."
+      f"`min_value` ({min_value!r}) must be <= `max_value` ({max_value!r}); swap them."
     )
   thresholds = {"min_value": min_value, "max_value": max_value}
 
@@ -145,13 +144,13 @@ def clip_by_value(
     n_out = _norms.norm_of_leaves(outside, 1.0)
     size = sum(x.size for x in leaves)
     new_state = ClipByValueState(
-        count=count + 1,
-        max_abs=_norms.norm_of_leaves(leaves, math.inf).astype(dtype),
-        clipped_fraction=n_out / max(size, 1),
-        clipped=n_out > 0,
+      count=count + 1,
+      max_abs=_norms.norm_of_leaves(leaves, math.inf).astype(dtype),
+      clipped_fraction=n_out / max(size, 1),
+      clipped=n_out > 0,
     )
     updates = _base.map_inexact(
-        lambda x: jnp.clip(x, lo.astype(x.dtype), hi.astype(x.dtype)), updates
+      lambda x: jnp.clip(x, lo.astype(x.dtype), hi.astype(x.dtype)), updates
     )
     return updates, _base.next_state(state, ClipByValueState, new_state)
 
@@ -189,7 +188,7 @@ def clip(max_delta: Threshold) -> optax.GradientTransformationExtraArgs:
 
 
 def clip_by_global_norm(
-    max_norm: Threshold, ord: Ord | None = None, *, axis_name: str | None = None
+  max_norm: Threshold, ord: Ord | None = None, *, axis_name: str | None = None
 ) -> optax.GradientTransformationExtraArgs:
   """Scales all updates by one factor so that their global norm is at most
   `max_norm`.
@@ -243,7 +242,7 @@ def clip_by_global_norm(
   def init_fn(params):
     dtype = _base.record_dtype(params)
     return ClipByGlobalNormState(
-        _base.zero_count(), _f(0, dtype), _f(0, dtype), _f(1, dtype), _f(False, bool)
+      _base.zero_count(), _f(0, dtype), _f(0, dtype), _f(1, dtype), _f(False, bool)
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -269,11 +268,11 @@ Measure = Callable[[_norms.Buckets, Sequence[jax.Array] | None], jax.Array | lis
 
 
 def per_tensor_clipper(
-    measure: Measure,
-    threshold: Threshold,
-    name: str,
-    *,
-    needs_params: bool = False,
+  measure: Measure,
+  threshold: Threshold,
+  name: str,
+  *,
+  needs_params: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """A transform scaling each tensor (or unit) whose measurement exceeds
   `threshold` down to it."""
@@ -283,19 +282,18 @@ def per_tensor_clipper(
     dtype = _base.record_dtype(params)
     k = len(_base.inexact_leaves(params))
     return PerTensorClipState(
-        count=_base.zero_count(),
-        threshold=_f(0, dtype),
-        norm=jnp.zeros((k,), dtype),
-        scale=jnp.ones((k,), dtype),
-        clipped=jnp.zeros((k,), bool),
+      count=_base.zero_count(),
+      threshold=_f(0, dtype),
+      norm=jnp.zeros((k,), dtype),
+      scale=jnp.ones((k,), dtype),
+      clipped=jnp.zeros((k,), bool),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     if needs_params and params is None:
       raise ValueError(
-          "This transform needs the current parameters: call"
-          " `update(updates, state, params)`."
+        "This transform needs the current parameters: call `update(updates, state, params)`."
       )
     count = _base.step_count(state, PerTensorClipState, thresholds)
     dtype = _base.record_dtype(updates)
@@ -307,9 +305,9 @@ def per_tensor_clipper(
       pairs = [_base.clip_scale(m.astype(dtype), thr) for m in measured]
       new_leaves = [_base.scale_leaf(x, s) for x, (s, _) in zip(buckets.leaves, pairs)]
       record = (
-          _stack([jnp.max(m) for m in measured], dtype),
-          _stack([jnp.min(s) for s, _ in pairs], dtype),
-          _stack([jnp.any(c) for _, c in pairs], bool),
+        _stack([jnp.max(m) for m in measured], dtype),
+        _stack([jnp.min(s) for s, _ in pairs], dtype),
+        _stack([jnp.any(c) for _, c in pairs], bool),
       )
     else:
       scale, clipped = _base.clip_scale(measured.astype(dtype), thr)
@@ -343,15 +341,15 @@ def _check_axes(x: jax.Array, axis: int | tuple[int, ...]) -> int | tuple[int, .
   axes = (axis,) if isinstance(axis, int) else axis
   if any(not -x.ndim <= a < x.ndim for a in axes):
     raise ValueError(
-        f"`axis={axis!r}` is out of range for an update of shape {x.shape};"
-        " every leaf must have all the axes named (use `optax.masked` to clip"
-        " leaves of different ranks separately)."
+      f"`axis={axis!r}` is out of range for an update of shape {x.shape};"
+      " every leaf must have all the axes named (use `optax.masked` to clip"
+      " leaves of different ranks separately)."
     )
   return axis
 
 
 def clip_by_norm(
-    max_norm: Threshold, ord: Ord | None = None, axis: int | tuple[int, ...] | None = None
+  max_norm: Threshold, ord: Ord | None = None, axis: int | tuple[int, ...] | None = None
 ) -> optax.GradientTransformationExtraArgs:
   """Scales each tensor separately so that its norm is at most `max_norm`.
 

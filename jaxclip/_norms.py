@@ -47,19 +47,18 @@ def check_ord(ord: Ord, name: str = "ord") -> float:
     if ord.strip().lower() in ("inf", "+inf"):
       return math.inf
     raise ValueError(
-        f"`{name}` must be a number > 0 or 'inf', got {ord!r}. Use 2 for the"
-        " Euclidean norm, 1 for the sum of magnitudes or math.inf for the max."
+      f"`{name}` must be a number > 0 or 'inf', got {ord!r}. Use 2 for the"
+      " Euclidean norm, 1 for the sum of magnitudes or math.inf for the max."
     )
   if isinstance(ord, bool) or not isinstance(ord, numbers.Real):
     raise TypeError(
-        f"`{name}` must be a Python number > 0 or 'inf', got {ord!r} of type"
-        f" {type(ord).__name__}."
+      f"`{name}` must be a Python number > 0 or 'inf', got {ord!r} of type {type(ord).__name__}."
     )
   p = float(ord)
   if not p > 0:  # also catches NaN
     raise ValueError(
-        f"`{name}` must be > 0, got {ord!r}: p-norms with p <= 0 are not norms"
-        " and are not scale-equivariant. Use 2, 1, math.inf or any p > 0."
+      f"`{name}` must be > 0, got {ord!r}: p-norms with p <= 0 are not norms"
+      " and are not scale-equivariant. Use 2, 1, math.inf or any p > 0."
     )
   return p
 
@@ -121,11 +120,7 @@ def _is_sharded(x: object) -> bool:
 
 
 def _bucketable(x: jax.Array) -> bool:
-  return (
-      x.size <= _SMALL_LEAF_SIZE
-      and not jnp.iscomplexobj(x)
-      and not _is_sharded(x)
-  )
+  return x.size <= _SMALL_LEAF_SIZE and not jnp.iscomplexobj(x) and not _is_sharded(x)
 
 
 class Buckets:
@@ -141,16 +136,13 @@ class Buckets:
   def __init__(self, leaves: Sequence[jax.Array], batch_ndim: int = 0):
     self.leaves = list(leaves)
     self.batch_ndim = batch_ndim
-    self.acc = jnp.result_type(
-        jnp.float32, *(accumulation_dtype(x.dtype) for x in self.leaves)
-    )
+    self.acc = jnp.result_type(jnp.float32, *(accumulation_dtype(x.dtype) for x in self.leaves))
     small = [i for i, x in enumerate(self.leaves) if _bucketable(x)]
     if len(small) < _MIN_LEAVES_TO_BUCKET:
       small = []
     in_place = sorted(set(range(len(self.leaves))) - set(small))
     self.groups = [[i] for i in in_place] + [
-        small[k : k + _LEAVES_PER_BUCKET]
-        for k in range(0, len(small), _LEAVES_PER_BUCKET)
+      small[k : k + _LEAVES_PER_BUCKET] for k in range(0, len(small), _LEAVES_PER_BUCKET)
     ]
     self.rows = [self._row(g) for g in self.groups]
 
@@ -160,9 +152,7 @@ class Buckets:
   def _row(self, group: list[int]) -> jax.Array:
     if len(group) == 1:
       return self._flat(self.leaves[group[0]])
-    return jnp.concatenate(
-        [self._flat(self.leaves[i]).astype(self.acc) for i in group], axis=-1
-    )
+    return jnp.concatenate([self._flat(self.leaves[i]).astype(self.acc) for i in group], axis=-1)
 
   def _element_leaf_ids(self, group: list[int]) -> np.ndarray:
     """For a bucket, the index of the leaf each of its elements comes from."""
@@ -179,9 +169,7 @@ class Buckets:
     """sum |x|**p (max |x| for p = inf) over every leaf, per batch index."""
     if down is not None:
       down = tuple(jnp.expand_dims(d, -1) for d in down)
-    partials = [
-        _reduce(_powered(self._magnitudes(v, down), p), p, -1) for v in self.rows
-    ]
+    partials = [_reduce(_powered(self._magnitudes(v, down), p), p, -1) for v in self.rows]
     return _reduce(jnp.stack(partials), p, axis=0)
 
   def per_leaf(self, p: float, down=None) -> jax.Array:
@@ -196,9 +184,7 @@ class Buckets:
       else:
         segments = np.searchsorted(np.asarray(group), ids)
         reducer = jax.ops.segment_max if p == math.inf else jax.ops.segment_sum
-        pieces.append(
-            reducer(t, segments, num_segments=len(group), indices_are_sorted=True)
-        )
+        pieces.append(reducer(t, segments, num_segments=len(group), indices_are_sorted=True))
       order.extend(group)
     sums = jnp.concatenate(pieces)
     if order != sorted(order):
@@ -260,19 +246,17 @@ def _norm(power_sum, p: float) -> jax.Array:
 
 
 def norm_of_leaves(
-    leaves: Sequence[jax.Array],
-    p: float,
-    *,
-    batch_ndim: int = 0,
-    axis_name: str | None = None,
+  leaves: Sequence[jax.Array],
+  p: float,
+  *,
+  batch_ndim: int = 0,
+  axis_name: str | None = None,
 ) -> jax.Array:
   """The p-norm of `leaves` together (per leading batch index if batch_ndim)."""
   if not leaves:
     return jnp.zeros((), jnp.float32)
   buckets = Buckets(leaves, batch_ndim)
-  return _norm(
-      lambda q, down: _all_reduce(buckets.total(q, down), q, axis_name), p
-  )
+  return _norm(lambda q, down: _all_reduce(buckets.total(q, down), q, axis_name), p)
 
 
 def per_leaf_norms(buckets: Buckets, p: float) -> jax.Array:
@@ -282,9 +266,7 @@ def per_leaf_norms(buckets: Buckets, p: float) -> jax.Array:
   return _norm(buckets.per_leaf, p)
 
 
-def norm_along(
-    x: jax.Array, p: float, axis: int | tuple[int, ...] | None
-) -> jax.Array:
+def norm_along(x: jax.Array, p: float, axis: int | tuple[int, ...] | None) -> jax.Array:
   """The p-norm of `x` over `axis` (all axes if None), dims kept."""
   acc = accumulation_dtype(x.dtype)
 
@@ -300,9 +282,7 @@ def norm_along(
   return _norm(power_sum, p)
 
 
-def global_norm(
-    tree: object, ord: Ord = 2, *, axis_name: str | None = None
-) -> jax.Array:
+def global_norm(tree: object, ord: Ord = 2, *, axis_name: str | None = None) -> jax.Array:
   """The p-norm of all leaves of a pytree taken together.
 
   Magnitudes are accumulated in float32 (float64 for float64 leaves) whatever
@@ -346,9 +326,7 @@ def global_norm(
 _UNITWISE_AXES = {2: (0,), 3: (0,), 4: (0, 1, 2), 5: (0, 1, 2, 3)}
 
 
-def unitwise_axes(
-    x: jax.Array, axis: int | tuple[int, ...] | None
-) -> int | tuple[int, ...] | None:
+def unitwise_axes(x: jax.Array, axis: int | tuple[int, ...] | None) -> int | tuple[int, ...] | None:
   """Reduction axes of a unit-wise norm (`None`: over the whole array)."""
   if axis is not None:
     return axis
@@ -356,15 +334,13 @@ def unitwise_axes(
     return None
   if x.ndim not in _UNITWISE_AXES:
     raise ValueError(
-        f"unitwise_norm infers its axes for arrays of rank 1 to 5; got shape"
-        f" {x.shape}. Pass `axis=` to name the axes each unit spans."
+      f"unitwise_norm infers its axes for arrays of rank 1 to 5; got shape"
+      f" {x.shape}. Pass `axis=` to name the axes each unit spans."
     )
   return _UNITWISE_AXES[x.ndim]
 
 
-def unitwise_norm(
-    x: jax.typing.ArrayLike, axis: int | tuple[int, ...] | None = None
-) -> jax.Array:
+def unitwise_norm(x: jax.typing.ArrayLike, axis: int | tuple[int, ...] | None = None) -> jax.Array:
   """The Euclidean norm of each unit of `x`, broadcast back to `x`'s shape.
 
   A unit is the slice of `x` spanned by `axis`. With `axis=None` the axes

@@ -14,15 +14,15 @@ def _check_batched(grads: Any, fn: str) -> list[jax.Array]:
   leaves = jax.tree.leaves(grads)
   if not leaves:
     raise ValueError(
-        f"`{fn}` got no gradients: pass a pytree of per-example gradients, each"
-        " with the batch on axis 0."
+      f"`{fn}` got no gradients: pass a pytree of per-example gradients, each"
+      " with the batch on axis 0."
     )
   shapes = [jnp.shape(x) for x in leaves]
   if any(len(s) == 0 or s[0] != shapes[0][0] for s in shapes):
     raise ValueError(
-        f"`{fn}` needs every gradient to have the batch on axis 0 with one batch"
-        f" size; got shapes {shapes}. Compute per-example gradients with"
-        " `jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, batch)`."
+      f"`{fn}` needs every gradient to have the batch on axis 0 with one batch"
+      f" size; got shapes {shapes}. Compute per-example gradients with"
+      " `jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, batch)`."
     )
   return [jnp.asarray(x) for x in leaves]
 
@@ -35,7 +35,7 @@ def _weighted_sum(multipliers: jax.Array, g: jax.Array) -> jax.Array:
 
 
 def _clip_examples(
-    leaves: list[jax.Array], l2_norm_clip: jax.typing.ArrayLike
+  leaves: list[jax.Array], l2_norm_clip: jax.typing.ArrayLike
 ) -> tuple[list[jax.Array], jax.Array]:
   floats = [x if _norms.is_inexact(x) else x.astype(jnp.float32) for x in leaves]
   norms = _norms.norm_of_leaves(floats, 2.0, batch_ndim=1)
@@ -44,7 +44,7 @@ def _clip_examples(
 
 
 def per_example_global_norm_clip(
-    grads: Any, l2_norm_clip: jax.typing.ArrayLike
+  grads: Any, l2_norm_clip: jax.typing.ArrayLike
 ) -> tuple[Any, jax.Array]:
   """Clips each example's gradient to a global L2 norm, then sums them.
 
@@ -86,7 +86,7 @@ def per_example_global_norm_clip(
 
 
 def per_example_layer_norm_clip(
-    grads: Any, global_l2_norm_clip: jax.typing.ArrayLike, uniform: bool = True
+  grads: Any, global_l2_norm_clip: jax.typing.ArrayLike, uniform: bool = True
 ) -> tuple[Any, Any]:
   """Clips each example's gradient layer by layer, then sums them.
 
@@ -132,6 +132,6 @@ def per_example_layer_norm_clip(
     results.append((sums[0], n))
   treedef = jax.tree.structure(grads)
   return (
-      jax.tree.unflatten(treedef, [s for s, _ in results]),
-      jax.tree.unflatten(treedef, [n for _, n in results]),
+    jax.tree.unflatten(treedef, [s for s, _ in results]),
+    jax.tree.unflatten(treedef, [n for _, n in results]),
   )

@@ -12,14 +12,14 @@ import jaxclip
 def _params_and_grads():
   keys = jax.random.split(jax.random.key(3), 6)
   params = {
-      "dense": jax.random.normal(keys[0], (8, 4)),
-      "conv": jax.random.normal(keys[1], (3, 3, 2, 4)),
-      "bias": jnp.zeros((4,)),
+    "dense": jax.random.normal(keys[0], (8, 4)),
+    "conv": jax.random.normal(keys[1], (3, 3, 2, 4)),
+    "bias": jnp.zeros((4,)),
   }
   grads = {
-      "dense": 5.0 * jax.random.normal(keys[2], (8, 4)),
-      "conv": 0.01 * jax.random.normal(keys[3], (3, 3, 2, 4)),
-      "bias": jax.random.normal(keys[4], (4,)),
+    "dense": 5.0 * jax.random.normal(keys[2], (8, 4)),
+    "conv": 0.01 * jax.random.normal(keys[3], (3, 3, 2, 4)),
+    "bias": jax.random.normal(keys[4], (4,)),
   }
   return params, grads
 
@@ -61,6 +61,8 @@ def test_unitwise_clip_matches_optax_and_checks_shapes():
   g = jax.random.normal(jax.random.key(4), (5, 3))
   n = jaxclip.unitwise_norm(g)
   m = jnp.full_like(n, 0.5)
-  np.testing.assert_allclose(jaxclip.unitwise_clip(n, m, g), optax.transforms.unitwise_clip(n, m, g), rtol=1e-6)
+  np.testing.assert_allclose(
+    jaxclip.unitwise_clip(n, m, g), optax.transforms.unitwise_clip(n, m, g), rtol=1e-6
+  )
   with pytest.raises(ValueError, match="shape"):
     jaxclip.unitwise_clip(n[:1], m, g)

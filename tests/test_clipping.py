@@ -15,9 +15,9 @@ def _tree(scale=1.0):
   key = jax.random.key(0)
   k1, k2 = jax.random.split(key)
   return {
-      "w": scale * jax.random.normal(k1, (6, 4)),
-      "b": scale * jax.random.normal(k2, (4,)),
-      "step": jnp.array(3, jnp.int32),
+    "w": scale * jax.random.normal(k1, (6, 4)),
+    "b": scale * jax.random.normal(k2, (4,)),
+    "step": jnp.array(3, jnp.int32),
   }
 
 

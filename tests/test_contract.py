@@ -18,17 +18,24 @@ import jaxclip
 
 # name -> (factory call, hyperparameters for inject_hyperparams, needs params)
 TRANSFORMS = {
-    "clip": (lambda: jaxclip.clip(0.5), {"max_delta": 0.5}, False),
-    "clip_by_value": (lambda: jaxclip.clip_by_value(-0.5, 0.3), {"min_value": -0.5, "max_value": 0.3}, False),
-    "clip_by_norm": (lambda: jaxclip.clip_by_norm(0.5), {"max_norm": 0.5}, False),
-    "clip_by_global_norm": (lambda: jaxclip.clip_by_global_norm(0.5), {"max_norm": 0.5}, False),
-    "clip_by_block_rms": (lambda: jaxclip.clip_by_block_rms(0.2), {"threshold": 0.2}, False),
-    "adaptive_grad_clip": (lambda: jaxclip.adaptive_grad_clip(0.05), {"clipping": 0.05}, True),
+  "clip": (lambda: jaxclip.clip(0.5), {"max_delta": 0.5}, False),
+  "clip_by_value": (
+    lambda: jaxclip.clip_by_value(-0.5, 0.3),
+    {"min_value": -0.5, "max_value": 0.3},
+    False,
+  ),
+  "clip_by_norm": (lambda: jaxclip.clip_by_norm(0.5), {"max_norm": 0.5}, False),
+  "clip_by_global_norm": (lambda: jaxclip.clip_by_global_norm(0.5), {"max_norm": 0.5}, False),
+  "clip_by_block_rms": (lambda: jaxclip.clip_by_block_rms(0.2), {"threshold": 0.2}, False),
+  "adaptive_grad_clip": (lambda: jaxclip.adaptive_grad_clip(0.05), {"clipping": 0.05}, True),
 }
 
 NOT_TRANSFORMS = {
-    "global_norm", "unitwise_norm", "unitwise_clip",
-    "per_example_global_norm_clip", "per_example_layer_norm_clip",
+  "global_norm",
+  "unitwise_norm",
+  "unitwise_clip",
+  "per_example_global_norm_clip",
+  "per_example_layer_norm_clip",
 }
 
 
@@ -37,17 +44,15 @@ def _trees(dtype):
   ks = jax.random.split(key, 4)
   big = lambda k, s: (3.0 * jax.random.normal(k, s)).astype(dtype)  # noqa: E731
   return {
-      "dict": {"w": big(ks[0], (4, 3)), "b": big(ks[1], (3,))},
-      "list": [big(ks[2], (5,)), big(ks[3], (2, 2))],
-      "nested": {"layer": [{"k": big(ks[0], (3, 3))}, (big(ks[1], (2,)),)], "n": jnp.int32(2)},
-      "empty": {},
+    "dict": {"w": big(ks[0], (4, 3)), "b": big(ks[1], (3,))},
+    "list": [big(ks[2], (5,)), big(ks[3], (2, 2))],
+    "nested": {"layer": [{"k": big(ks[0], (3, 3))}, (big(ks[1], (2,)),)], "n": jnp.int32(2)},
+    "empty": {},
   }
 
 
 def test_every_public_name_is_classified():
-  public_factories = {
-      n for n in jaxclip.__all__ if inspect.isfunction(getattr(jaxclip, n))
-  }
+  public_factories = {n for n in jaxclip.__all__ if inspect.isfunction(getattr(jaxclip, n))}
   assert public_factories == set(TRANSFORMS) | NOT_TRANSFORMS
 
 
@@ -79,7 +84,11 @@ def test_jit_and_eager_agree(name, dtype, kind):
   _check_state(state, jit_state)
   for a, b, x in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), jax.tree.leaves(g)):
     assert a.dtype == x.dtype == b.dtype and a.shape == x.shape
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2 if dtype == jnp.bfloat16 else 1e-6)
+    np.testing.assert_allclose(
+      np.asarray(a, np.float32),
+      np.asarray(b, np.float32),
+      rtol=1e-2 if dtype == jnp.bfloat16 else 1e-6,
+    )
   # a second step from the new state
   jax.jit(tx.update)(g, jit_state, params)
 

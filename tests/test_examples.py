@@ -16,8 +16,11 @@ EXAMPLES: dict[str, list[str]] = {}
 def test_example_runs(name):  # pragma: no cover - filled as examples are added
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   result = subprocess.run(
-      [sys.executable, str(ROOT / "examples" / name), *EXAMPLES[name]],
-      env=env, capture_output=True, text=True, timeout=300,
+    [sys.executable, str(ROOT / "examples" / name), *EXAMPLES[name]],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip(), "the example printed nothing"
@@ -26,9 +29,13 @@ def test_example_runs(name):  # pragma: no cover - filled as examples are added
 def test_quickstart_shows_clipping_helps():
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   out = subprocess.run(
-      [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--fast"],
-      env=env, capture_output=True, text=True, timeout=300, check=True,
+    [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--fast"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=True,
   ).stdout
-  line = next(l for l in out.splitlines() if l.startswith("final loss"))
+  line = next(row for row in out.splitlines() if row.startswith("final loss"))
   plain, clipped = (float(part.split(":")[-1].strip().rstrip(";")) for part in line.split(";"))
   assert clipped < plain

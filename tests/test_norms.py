@@ -24,8 +24,8 @@ def _np_norm(leaves, p):
 def _random_tree(key, n_small=0):
   k1, k2, k3 = jax.random.split(key, 3)
   tree = {
-      "w": jax.random.normal(k1, (8, 5)),
-      "b": [jax.random.normal(k2, (5,)), jax.random.normal(k3, ())],
+    "w": jax.random.normal(k1, (8, 5)),
+    "b": [jax.random.normal(k2, (5,)), jax.random.normal(k3, ())],
   }
   for i in range(n_small):
     tree[f"s{i:03d}"] = jax.random.normal(jax.random.fold_in(key, i), (i % 5 + 1,))
@@ -39,7 +39,9 @@ def test_matches_float64_reference(ord, n_small):
   p = math.inf if ord == "inf" else ord
   expected = _np_norm(jax.tree.leaves(tree), p)
   np.testing.assert_allclose(jaxclip.global_norm(tree, ord), expected, rtol=2e-6)
-  np.testing.assert_allclose(jax.jit(jaxclip.global_norm, static_argnums=1)(tree, ord), expected, rtol=2e-6)
+  np.testing.assert_allclose(
+    jax.jit(jaxclip.global_norm, static_argnums=1)(tree, ord), expected, rtol=2e-6
+  )
 
 
 def test_bf16_accumulates_in_float32():
@@ -132,9 +134,15 @@ def test_per_leaf_norms_keep_leaf_order_with_buckets():
 
 
 @pytest.mark.parametrize(
-    "shape,axes",
-    [((5,), None), ((4, 3), (0,)), ((2, 4, 3), (0,)), ((3, 3, 2, 4), (0, 1, 2)),
-     ((2, 2, 2, 3, 4), (0, 1, 2, 3)), ((1, 5), None)],
+  "shape,axes",
+  [
+    ((5,), None),
+    ((4, 3), (0,)),
+    ((2, 4, 3), (0,)),
+    ((3, 3, 2, 4), (0, 1, 2)),
+    ((2, 2, 2, 3, 4), (0, 1, 2, 3)),
+    ((1, 5), None),
+  ],
 )
 def test_unitwise_norm_default_axes(shape, axes):
   x = jax.random.normal(jax.random.key(2), shape)
@@ -147,7 +155,7 @@ def test_unitwise_norm_default_axes(shape, axes):
 def test_unitwise_norm_explicit_axis_and_rank_error():
   x = jnp.arange(12.0).reshape(3, 4)
   np.testing.assert_allclose(
-      jaxclip.unitwise_norm(x, axis=1)[:, 0], np.linalg.norm(np.asarray(x), axis=1), rtol=1e-6
+    jaxclip.unitwise_norm(x, axis=1)[:, 0], np.linalg.norm(np.asarray(x), axis=1), rtol=1e-6
   )
   with pytest.raises(ValueError, match="axis="):
     jaxclip.unitwise_norm(jnp.ones((1, 2, 1, 2, 1, 2)))

@@ -33,7 +33,7 @@ def test_layer_matches_optax(uniform):
 def test_each_example_bounded():
   g = _grads()
   for i in range(6):
-    one = jax.tree.map(lambda x: x[i : i + 1], g)
+    one = {k: v[i : i + 1] for k, v in g.items()}
     s, _ = jaxclip.per_example_global_norm_clip(one, 0.5)
     assert float(jaxclip.global_norm(s)) <= 0.5 * (1 + 1e-6)
 

@@ -7,7 +7,6 @@ starts, so this file is run in a pytest session of its own.
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding
@@ -25,10 +24,10 @@ def setup_module():
 def _host_tree():
   ks = jax.random.split(jax.random.key(0), 4)
   tree = {
-      "w": 10.0 * jax.random.normal(ks[0], (1024, 64)),
-      "v": jax.random.normal(ks[1], (64 * 1024,)),
-      "small": [jax.random.normal(jax.random.fold_in(ks[2], i), (8,)) for i in range(40)],
-      "bias": jax.random.normal(ks[3], (64,)),
+    "w": 10.0 * jax.random.normal(ks[0], (1024, 64)),
+    "v": jax.random.normal(ks[1], (64 * 1024,)),
+    "small": [jax.random.normal(jax.random.fold_in(ks[2], i), (8,)) for i in range(40)],
+    "bias": jax.random.normal(ks[3], (64,)),
   }
   return tree
 
@@ -40,22 +39,21 @@ def _expected(tree, max_norm):
 
 def _data_moving_ops(hlo_text):
   return [
-      line.strip()[:120]
-      for line in hlo_text.splitlines()
-      if any(op + "(" in line or op + "-start(" in line for op in COLLECTIVES_THAT_MOVE_DATA)
+    line.strip()[:120]
+    for line in hlo_text.splitlines()
+    if any(op + "(" in line or op + "-start(" in line for op in COLLECTIVES_THAT_MOVE_DATA)
   ]
 
 
 def _shard(tree, mesh, shard_small):
-  def put(path, x):
-    name = jax.tree_util.keystr(path)
+  def put(x):
     if x.size <= 1 << 14 and not shard_small:
       spec = P()
     else:
       spec = P("d") if x.ndim == 1 else P("d", None)
     return jax.device_put(x, NamedSharding(mesh, spec))
 
-  return jax.tree_util.tree_map_with_path(put, tree)
+  return jax.tree.map(put, tree)
 
 
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
