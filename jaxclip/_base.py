@@ -83,6 +83,30 @@ def check_axis(axis: Any, name: str = "axis") -> int | tuple[int, ...] | None:
   raise TypeError(f"`{name}` must be None, an int or a tuple of ints, got {axis!r}.")
 
 
+def check_int(value: Any, name: str, minimum: int) -> int:
+  """Validates a static integer hyperparameter (sizes, step counts)."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(
+      f"`{name}` must be a Python int >= {minimum}, got {value!r} of type"
+      f" {type(value).__name__}. It sets an array shape or a step count, so it"
+      " cannot be traced: under `optax.inject_hyperparams`, list it in"
+      f" static_args=('{name}',)."
+    )
+  if value < minimum:
+    raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}.")
+  return int(value)
+
+
+def check_range(value: Any, name: str, lo: float, hi: float, fix: str) -> None:
+  """Raises a ValueError if a concrete `value` is outside ``[lo, hi]``."""
+  check_threshold(value, name, allow_negative=True)
+  if callable(value) or not is_concrete(value):
+    return
+  v = jnp.asarray(value)
+  if bool(jnp.any((v < lo) | (v > hi))):
+    raise ValueError(f"`{name}` must be in [{lo}, {hi}], got {value!r}. {fix}")
+
+
 def resolve(value: Threshold, count: jax.Array, dtype: jnp.dtype) -> jax.Array:
   """The value of a threshold at step `count`, as a scalar array of `dtype`."""
   if callable(value):

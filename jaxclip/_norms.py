@@ -94,7 +94,8 @@ def _powered(v: jax.Array, p: float) -> jax.Array:
 
 
 def _reduce(t: jax.Array, p: float, axis: int | tuple[int, ...] | None):
-  return jnp.max(t, axis=axis) if p == math.inf else jnp.sum(t, axis=axis)
+  # Magnitudes are >= 0, so 0 is the identity of their max (empty leaves).
+  return jnp.max(t, axis=axis, initial=0) if p == math.inf else jnp.sum(t, axis=axis)
 
 
 def root(s: jax.Array, p: float) -> jax.Array:
@@ -120,7 +121,7 @@ def _is_sharded(x: object) -> bool:
 
 
 def _bucketable(x: jax.Array) -> bool:
-  return x.size <= _SMALL_LEAF_SIZE and not jnp.iscomplexobj(x) and not _is_sharded(x)
+  return 0 < x.size <= _SMALL_LEAF_SIZE and not jnp.iscomplexobj(x) and not _is_sharded(x)
 
 
 class Buckets:
@@ -134,7 +135,7 @@ class Buckets:
   """
 
   def __init__(self, leaves: Sequence[jax.Array], batch_ndim: int = 0):
-    self.leaves = list(leaves)
+    self.leaves = [jnp.asarray(x) for x in leaves]
     self.batch_ndim = batch_ndim
     self.acc = jnp.result_type(jnp.float32, *(accumulation_dtype(x.dtype) for x in self.leaves))
     small = [i for i, x in enumerate(self.leaves) if _bucketable(x)]
@@ -276,7 +277,7 @@ def norm_along(x: jax.Array, p: float, axis: int | tuple[int, ...] | None) -> ja
       m = (m * down[0]) * down[1]
     t = _powered(m, q)
     if q == math.inf:
-      return jnp.max(t, axis=axis, keepdims=True)
+      return jnp.max(t, axis=axis, keepdims=True, initial=0)
     return jnp.sum(t, axis=axis, keepdims=True)
 
   return _norm(power_sum, p)
