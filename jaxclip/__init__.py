@@ -3,6 +3,12 @@
 Every public name lives here; the modules behind it are private.
 """
 
+from jaxclip._adaptive import AdaGCState as AdaGCState
+from jaxclip._adaptive import AutoClipState as AutoClipState
+from jaxclip._adaptive import QuantileClipState as QuantileClipState
+from jaxclip._adaptive import adagc as adagc
+from jaxclip._adaptive import autoclip as autoclip
+from jaxclip._adaptive import quantile_clip as quantile_clip
 from jaxclip._agc import adaptive_grad_clip as adaptive_grad_clip
 from jaxclip._agc import unitwise_clip as unitwise_clip
 from jaxclip._clipping import ClipByGlobalNormState as ClipByGlobalNormState
@@ -13,18 +19,32 @@ from jaxclip._clipping import clip_by_block_rms as clip_by_block_rms
 from jaxclip._clipping import clip_by_global_norm as clip_by_global_norm
 from jaxclip._clipping import clip_by_norm as clip_by_norm
 from jaxclip._clipping import clip_by_value as clip_by_value
+from jaxclip._guards import SkipNonFiniteState as SkipNonFiniteState
+from jaxclip._guards import SkipOnSpikeState as SkipOnSpikeState
+from jaxclip._guards import skip_nonfinite as skip_nonfinite
+from jaxclip._guards import skip_on_spike as skip_on_spike
 from jaxclip._norms import global_norm as global_norm
 from jaxclip._norms import unitwise_norm as unitwise_norm
 from jaxclip._per_example import per_example_global_norm_clip as per_example_global_norm_clip
 from jaxclip._per_example import per_example_layer_norm_clip as per_example_layer_norm_clip
+from jaxclip._zclip import ZClipState as ZClipState
+from jaxclip._zclip import zclip as zclip
 
 __version__ = "0.1.0"
 
 __all__ = [
+  "AdaGCState",
+  "AutoClipState",
   "ClipByGlobalNormState",
   "ClipByValueState",
   "PerTensorClipState",
+  "QuantileClipState",
+  "SkipNonFiniteState",
+  "SkipOnSpikeState",
+  "ZClipState",
+  "adagc",
   "adaptive_grad_clip",
+  "autoclip",
   "clip",
   "clip_by_block_rms",
   "clip_by_global_norm",
@@ -33,6 +53,10 @@ __all__ = [
   "global_norm",
   "per_example_global_norm_clip",
   "per_example_layer_norm_clip",
+  "quantile_clip",
+  "skip_nonfinite",
+  "skip_on_spike",
   "unitwise_clip",
   "unitwise_norm",
+  "zclip",
 ]

@@ -16,7 +16,8 @@ import pytest
 
 import jaxclip
 
-# name -> (factory call, hyperparameters for inject_hyperparams, needs params)
+# name -> (factory call, hyperparameters for inject_hyperparams, needs params,
+# static_args for inject_hyperparams: integer sizes and step counts)
 TRANSFORMS = {
   "clip": (lambda: jaxclip.clip(0.5), {"max_delta": 0.5}, False),
   "clip_by_value": (
@@ -28,6 +29,42 @@ TRANSFORMS = {
   "clip_by_global_norm": (lambda: jaxclip.clip_by_global_norm(0.5), {"max_norm": 0.5}, False),
   "clip_by_block_rms": (lambda: jaxclip.clip_by_block_rms(0.2), {"threshold": 0.2}, False),
   "adaptive_grad_clip": (lambda: jaxclip.adaptive_grad_clip(0.05), {"clipping": 0.05}, True),
+  "autoclip": (
+    lambda: jaxclip.autoclip(10.0, history_size=16),
+    {"percentile": 10.0, "history_size": 16},
+    False,
+    ("history_size",),
+  ),
+  "zclip": (
+    lambda: jaxclip.zclip(warmup_steps=2, max_norm=0.5),
+    {"warmup_steps": 2, "max_norm": 0.5},
+    False,
+    ("warmup_steps",),
+  ),
+  "adagc": (
+    lambda: jaxclip.adagc(warmup_steps=1, warmup_max_norm=0.5),
+    {"warmup_steps": 1, "warmup_max_norm": 0.5},
+    False,
+    ("warmup_steps",),
+  ),
+  "quantile_clip": (
+    lambda: jaxclip.quantile_clip(initial_max_norm=0.5),
+    {"initial_max_norm": 0.5},
+    False,
+    ("seed",),
+  ),
+  "skip_on_spike": (
+    lambda: jaxclip.skip_on_spike(optax.identity(), window=8, min_history=4),
+    {"inner": optax.identity(), "window": 8, "min_history": 4},
+    False,
+    ("window", "min_history"),
+  ),
+  "skip_nonfinite": (
+    lambda: jaxclip.skip_nonfinite(optax.identity(), max_consecutive=3),
+    {"inner": optax.identity(), "max_consecutive": 3},
+    False,
+    ("max_consecutive",),
+  ),
 }
 
 NOT_TRANSFORMS = {
@@ -72,7 +109,7 @@ def _params_for(tree):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("kind", ["dict", "list", "nested", "empty"])
 def test_jit_and_eager_agree(name, dtype, kind):
-  make, _, needs_params = TRANSFORMS[name]
+  make, _, needs_params, *_ = TRANSFORMS[name]
   tx = make()
   assert isinstance(tx, optax.GradientTransformationExtraArgs)
   g = _trees(dtype)[kind]
@@ -95,7 +132,7 @@ def test_jit_and_eager_agree(name, dtype, kind):
 
 @pytest.mark.parametrize("name", sorted(TRANSFORMS))
 def test_chain_with_adam_trains(name):
-  make, _, needs_params = TRANSFORMS[name]
+  make, _, needs_params, *_ = TRANSFORMS[name]
   target = jnp.array([1.0, -2.0, 3.0])
   params = {"x": jnp.zeros(3) + 0.1}
   opt = optax.chain(make(), optax.adam(0.1))
@@ -116,9 +153,9 @@ def test_chain_with_adam_trains(name):
 
 @pytest.mark.parametrize("name", sorted(TRANSFORMS))
 def test_inject_hyperparams(name):
-  make, hparams, needs_params = TRANSFORMS[name]
+  make, hparams, needs_params, *static = TRANSFORMS[name]
   factory = getattr(jaxclip, name)
-  tx = optax.inject_hyperparams(factory)(**hparams)
+  tx = optax.inject_hyperparams(factory, static_args=static[0] if static else ())(**hparams)
   g = _trees(jnp.float32)["dict"]
   g = {"w": g["w"], "b": g["b"].astype(jnp.bfloat16)}  # mixed dtypes
   params = _params_for(g)
@@ -132,7 +169,7 @@ def test_inject_hyperparams(name):
 
 @pytest.mark.parametrize("name", sorted(TRANSFORMS))
 def test_zero_gradients_give_zero_updates(name):
-  make, _, needs_params = TRANSFORMS[name]
+  make, _, needs_params, *_ = TRANSFORMS[name]
   tx = make()
   g = {"a": jnp.zeros((3, 2)), "b": jnp.zeros((2,), jnp.bfloat16)}
   params = _params_for(g)

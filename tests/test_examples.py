@@ -9,11 +9,11 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # name -> arguments of its fast mode (quickstart.py has a test of its own below)
-EXAMPLES: dict[str, list[str]] = {}
+EXAMPLES: dict[str, list[str]] = {"spikes.py": ["--fast"]}
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
-def test_example_runs(name):  # pragma: no cover - filled as examples are added
+def test_example_runs(name):
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   result = subprocess.run(
     [sys.executable, str(ROOT / "examples" / name), *EXAMPLES[name]],

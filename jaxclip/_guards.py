@@ -1,0 +1,260 @@
+"""Guards that skip whole optimizer steps: on loss or norm spikes, on inf/NaN."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from jaxclip import _adaptive, _base, _norms
+
+__all__ = ["SkipNonFiniteState", "SkipOnSpikeState", "skip_nonfinite", "skip_on_spike"]
+
+
+def _guarded_update(inner, skip, updates, inner_state, params, extra_args):
+  """Runs `inner` unless `skip`; a skipped step gives zero updates, state untouched."""
+
+  def run(_):
+    return inner.update(updates, inner_state, params, **extra_args)
+
+  def reject(_):
+    return optax.tree.zeros_like(updates), inner_state
+
+  return lax.cond(skip, reject, run, None)
+
+
+class SkipOnSpikeState(NamedTuple):
+  """State of `skip_on_spike`.
+
+  Attributes:
+    count: Number of steps seen, skipped ones included (int32).
+    norm: Global norm of the gradients at the last step.
+    loss: The loss passed at the last step (NaN when none was passed).
+    skipped: Whether the last step was skipped.
+    total_skipped: Number of steps skipped so far (int32).
+    norm_history: Ring buffer of recent gradient norms (`window` entries).
+    loss_history: Ring buffer of recent losses (NaN where none was passed).
+    filled: Number of valid entries of the buffers (int32).
+    position: Index the next entry is written to (int32).
+    inner_state: The state of the wrapped optimizer.
+  """
+
+  count: jax.Array
+  norm: jax.Array
+  loss: jax.Array
+  skipped: jax.Array
+  total_skipped: jax.Array
+  norm_history: jax.Array
+  loss_history: jax.Array
+  filled: jax.Array
+  position: jax.Array
+  inner_state: Any
+
+
+def _is_outlier(value, history, filled, n_sigma, min_history):
+  """Whether `value` exceeds mean + n_sigma * std of the finite valid history."""
+  valid = (jnp.arange(history.shape[0]) < filled) & jnp.isfinite(history)
+  n = jnp.sum(valid)
+  safe = jnp.where(valid, history, 0)
+  mean = jnp.sum(safe) / jnp.maximum(n, 1)
+  var = jnp.sum(jnp.where(valid, jnp.square(safe - mean), 0)) / jnp.maximum(n - 1, 1)
+  bound = mean + jnp.asarray(n_sigma, history.dtype) * jnp.sqrt(var)
+  return (n >= min_history) & (value > bound)
+
+
+def skip_on_spike(
+  inner: optax.GradientTransformation,
+  window: int = 128,
+  n_sigma: jax.typing.ArrayLike = 6.0,
+  min_history: int = 64,
+  *,
+  record_skipped: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  """Skips steps whose gradient norm or loss spikes above its recent history.
+
+  The rule of OLMo's ``SkipStepOptimizer``: a step is skipped (zero update,
+  the inner optimizer's state untouched) when the global norm of the
+  gradients, or the loss passed as ``update(..., loss=loss)``, exceeds the
+  mean of the last `window` values by more than `n_sigma` sample standard
+  deviations. Nothing is skipped for spikes until `min_history` values are
+  known. Non-finite norms or losses are always skipped and never recorded.
+
+  History of skipped steps: by default (``record_skipped=False``) a skipped
+  step's values do not enter the window, so a spike does not widen the band
+  used to judge the next steps. OLMo records every finite value, skipped or
+  not, which lets the window follow a lasting change of level (after a
+  learning-rate change, say) where the default would skip until the change is
+  seen as ordinary; pass ``record_skipped=True`` for OLMo's behaviour.
+
+  Args:
+    inner: The optimizer to guard; extra arguments (``loss=`` included) are
+      forwarded to it.
+    window: Number of recent values kept (a Python int >= 2).
+    n_sigma: Number of standard deviations above the mean that is a spike.
+    min_history: Values needed before spikes are skipped (int in
+      [2, window]).
+    record_skipped: Whether values of skipped (finite) steps enter the
+      history.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a
+    `SkipOnSpikeState`.
+
+  Raises:
+    ValueError: For `window < 2`, `min_history` outside ``[2, window]`` or a
+      concrete negative or NaN `n_sigma`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from jaxclip._guards import skip_on_spike
+    >>> opt = skip_on_spike(optax.sgd(1.0), window=8, n_sigma=3.0, min_history=4)
+    >>> params = jnp.zeros(2)
+    >>> state = opt.init(params)
+    >>> for loss in (1.0, 1.1, 0.9, 1.0, 50.0):
+    ...   u, state = opt.update(jnp.ones(2), state, params, loss=jnp.asarray(loss))
+    >>> u, bool(state.skipped), int(state.total_skipped)
+    (Array([0., 0.], dtype=float32), True, 1)
+
+  References:
+    Groeneveld et al., `OLMo: Accelerating the Science of Language Models
+    <https://arxiv.org/abs/2402.00838>`_, 2024; OLMo 2 (`2 OLMo 2 Furious
+    <https://arxiv.org/abs/2501.00656>`_, 2025) and
+    ``olmo_core.optim.SkipStepOptimizer``.
+  """
+  size = _base.check_int(window, "window", 2)
+  need = _base.check_int(min_history, "min_history", 2)
+  if need > size:
+    raise ValueError(
+      f"`min_history` ({min_history}) must be <= `window` ({window}): the"
+      " window never holds more values. Lower `min_history` or widen `window`."
+    )
+  _base.check_threshold(n_sigma, "n_sigma")
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    dtype = _base.record_dtype(params)
+    zero = _base.zero_count()
+    return SkipOnSpikeState(
+        zero, jnp.zeros([], dtype), jnp.full([], jnp.nan, dtype), jnp.zeros([], bool), zero,
+        jnp.zeros((size,), dtype), jnp.full((size,), jnp.nan, dtype), zero, zero,
+        inner.init(params),
+    )  # fmt: skip
+
+  def update_fn(updates, state, params=None, **extra_args):
+    dtype = state.norm_history.dtype
+    norm = _norms.norm_of_leaves(_base.inexact_leaves(updates), 2.0).astype(dtype)
+    has_loss = extra_args.get("loss") is not None
+    loss = jnp.asarray(extra_args["loss"], dtype) if has_loss else jnp.full([], jnp.nan, dtype)
+    finite = jnp.isfinite(norm) & (jnp.isfinite(loss) | (not has_loss))
+    spike = _is_outlier(norm, state.norm_history, state.filled, n_sigma, need)
+    if has_loss:
+      spike = spike | _is_outlier(loss, state.loss_history, state.filled, n_sigma, need)
+    skip = ~finite | spike
+    keep = finite & (jnp.asarray(record_skipped) | ~skip)
+    norms, filled, position = _adaptive.push(
+      state.norm_history, state.filled, state.position, norm, keep
+    )
+    losses, _, _ = _adaptive.push(state.loss_history, state.filled, state.position, loss, keep)
+    updates, inner_state = _guarded_update(
+      inner, skip, updates, state.inner_state, params, extra_args
+    )
+    new_state = SkipOnSpikeState(
+        state.count + 1, norm, loss, skip, state.total_skipped + skip.astype(jnp.int32),
+        norms, losses, filled, position, inner_state,
+    )  # fmt: skip
+    return updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class SkipNonFiniteState(NamedTuple):
+  """State of `skip_nonfinite`.
+
+  Attributes:
+    count: Number of steps seen (int32).
+    total_skipped: Number of steps skipped because of inf or NaN (int32).
+    consecutive_skipped: Number of consecutive non-finite steps up to the
+      last one (int32; 0 after a finite step).
+    last_finite: Whether the last step's gradients were all finite.
+    applied_nonfinite: Number of non-finite steps applied anyway because
+      `max_consecutive` was exceeded (int32).
+    inner_state: The state of the wrapped optimizer.
+  """
+
+  count: jax.Array
+  total_skipped: jax.Array
+  consecutive_skipped: jax.Array
+  last_finite: jax.Array
+  applied_nonfinite: jax.Array
+  inner_state: Any
+
+
+def skip_nonfinite(
+  inner: optax.GradientTransformation, max_consecutive: int | None = None
+) -> optax.GradientTransformationExtraArgs:
+  """Skips steps whose gradients hold inf or NaN, and counts them.
+
+  Like `optax.apply_if_finite`: a step with a non-finite gradient entry gives
+  a zero update and leaves the inner optimizer's state untouched. The state
+  reports how many steps were skipped in total and in a row.
+
+  After more than `max_consecutive` non-finite steps in a row the guard gives
+  up, as optax does: the step is passed to `inner` (so the inf/NaN reaches the
+  parameters and the failure is visible) and counted in `applied_nonfinite`
+  rather than `total_skipped`; the first finite step resets the run. With
+  `max_consecutive=None` (the default) non-finite steps are always skipped.
+
+  Args:
+    inner: The optimizer to guard; extra arguments are forwarded to it.
+    max_consecutive: Number of consecutive non-finite steps skipped before
+      giving up (a Python int >= 0), or None never to give up.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a
+    `SkipNonFiniteState`.
+
+  Raises:
+    ValueError: If `max_consecutive` is negative.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from jaxclip._guards import skip_nonfinite
+    >>> opt = skip_nonfinite(optax.sgd(1.0))
+    >>> state = opt.init(jnp.zeros(2))
+    >>> u, state = opt.update(jnp.array([1.0, jnp.nan]), state)
+    >>> u, int(state.total_skipped), bool(state.last_finite)
+    (Array([0., 0.], dtype=float32), 1, False)
+  """
+  if max_consecutive is not None:
+    max_consecutive = _base.check_int(max_consecutive, "max_consecutive", 0)
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    zero = _base.zero_count()
+    return SkipNonFiniteState(zero, zero, zero, jnp.ones([], bool), zero, inner.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    largest = _norms.norm_of_leaves(_base.inexact_leaves(updates), float("inf"))
+    finite = jnp.isfinite(largest)
+    run = jnp.where(finite, 0, state.consecutive_skipped + 1)
+    give_up = ~finite & (False if max_consecutive is None else run > max_consecutive)
+    skip = ~finite & ~give_up
+    updates, inner_state = _guarded_update(
+      inner, skip, updates, state.inner_state, params, extra_args
+    )
+    new_state = SkipNonFiniteState(
+      state.count + 1,
+      state.total_skipped + skip.astype(jnp.int32),
+      run.astype(jnp.int32),
+      finite,
+      state.applied_nonfinite + give_up.astype(jnp.int32),
+      inner_state,
+    )
+    return updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

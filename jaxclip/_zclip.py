@@ -1,0 +1,201 @@
+"""ZClip: clipping of gradient-norm outliers by z-score against EMA statistics."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxclip import _adaptive, _base
+
+__all__ = ["ZClipState", "zclip"]
+
+_MODES = ("zscore", "percentile")
+_CLIP_OPTIONS = ("adaptive_scaling", "mean")
+
+
+class ZClipState(NamedTuple):
+  """State of `zclip`: EMA statistics of the global norm, and the warmup sample.
+
+  Attributes:
+    count: Number of updates processed (int32).
+    norm: Global norm of the updates at the last step, before clipping.
+    threshold: The bound the norm was clipped to at the last step (the
+      adaptive value, capped by `max_norm`; inf when nothing bounded it).
+    scale: Factor the updates were multiplied by (1 when not clipped).
+    clipped: Whether the updates were scaled down.
+    spike: Whether the last norm was an outlier (always False in warmup).
+    zscore: ``(norm - mean) / (std + eps)`` at the last step (0 in warmup).
+    mean: EMA of the (clipped) global norm.
+    var: EMA of its squared deviation.
+    warmup_norms: The finite norms seen during warmup (length `warmup_steps`).
+    filled: Number of entries of `warmup_norms` filled (int32); the EMA is
+      in use once it reaches `warmup_steps`.
+  """
+
+  count: jax.Array
+  norm: jax.Array
+  threshold: jax.Array
+  scale: jax.Array
+  clipped: jax.Array
+  spike: jax.Array
+  zscore: jax.Array
+  mean: jax.Array
+  var: jax.Array
+  warmup_norms: jax.Array
+  filled: jax.Array
+
+
+def _check_choice(value: str, name: str, choices: tuple[str, ...]) -> str:
+  if not isinstance(value, str) or value.lower() not in choices:
+    raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
+  return value.lower()
+
+
+def zclip(
+  alpha: jax.typing.ArrayLike = 0.97,
+  z_thresh: jax.typing.ArrayLike = 2.5,
+  warmup_steps: int = 25,
+  max_norm: jax.typing.ArrayLike | None = 1.0,
+  mode: str = "zscore",
+  clip_option: str = "adaptive_scaling",
+  skip_update_on_spike: bool = False,
+  *,
+  clip_factor: jax.typing.ArrayLike = 1.0,
+  eps: jax.typing.ArrayLike = 1e-6,
+) -> optax.GradientTransformationExtraArgs:
+  """Clips global-norm outliers detected by z-score against EMA statistics (ZClip).
+
+  A port of the reference implementation (bluorion-com/ZClip):
+
+  * Warmup: for the first `warmup_steps` finite norms, the updates are
+    clipped to the fixed `max_norm` and the norms are stored; at the last
+    warmup step ``mean`` and ``var`` are set to the mean and (population)
+    variance of that sample.
+  * Then, with ``std = sqrt(var)``: in ``mode='zscore'``, the norm ``n`` is a
+    spike when ``z = (n - mean) / (std + eps) > z_thresh``, and is clipped to
+    ``clip_factor * (mean + z_thresh * std / (z / z_thresh))``
+    (``clip_option='adaptive_scaling'``: larger outliers are clipped harder)
+    or to ``mean`` (``clip_option='mean'``). In ``mode='percentile'``
+    (``clip_option`` ignored) the norm is clipped to ``mean + z_thresh * std``
+    when above it. The threshold is always capped at `max_norm` when given.
+  * The EMA is updated with the clipped value ``x`` of a spike (the norm
+    itself otherwise): ``mean <- alpha * mean + (1 - alpha) * x`` and
+    ``var <- alpha * var + (1 - alpha) * (x - mean)**2`` with the new mean.
+    With `skip_update_on_spike` the statistics are frozen on spikes.
+
+  Unlike the reference, the scale is ``threshold / n`` rather than
+  ``threshold / (n + 1e-6)``, and a non-finite norm is neither recorded nor
+  used to rescale (the updates pass through unchanged).
+
+  Args:
+    alpha: EMA smoothing factor in [0, 1].
+    z_thresh: Z-score above which a norm is an outlier (>= 0).
+    warmup_steps: Number of finite norms collected before the EMA starts (a
+      Python int >= 1).
+    max_norm: Hard cap on the threshold, also the fixed threshold during
+      warmup; None for no cap (then warmup does not clip).
+    mode: ``'zscore'`` or ``'percentile'``.
+    clip_option: In ``'zscore'`` mode, ``'adaptive_scaling'`` or ``'mean'``.
+    skip_update_on_spike: Whether spikes leave the statistics unchanged.
+    clip_factor: Multiplier of the adaptive-scaling threshold (0.5 to 0.9
+      for aggressive clipping).
+    eps: Added to the standard deviation in the z-score.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a `ZClipState`.
+
+  Raises:
+    ValueError: For an unknown `mode` or `clip_option`, concrete
+      hyperparameters out of range, or `warmup_steps < 1`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxclip._zclip import zclip
+    >>> tx = zclip(warmup_steps=3, max_norm=None)
+    >>> state = tx.init(jnp.zeros(1))
+    >>> for n in (1.0, 1.2, 0.8):  # warmup: mean 1, std 0.163
+    ...   _, state = tx.update(jnp.array([n]), state)
+    >>> u, state = tx.update(jnp.array([5.0]), state)
+    >>> bool(state.spike), round(float(u[0]), 3)
+    (True, 1.042)
+
+  References:
+    Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
+    <https://arxiv.org/abs/2504.02507>`_, 2025.
+  """
+  _base.check_range(alpha, "alpha", 0.0, 1.0, "The paper uses 0.97.")
+  _base.check_threshold(z_thresh, "z_thresh")
+  _base.check_threshold(clip_factor, "clip_factor")
+  _base.check_threshold(eps, "eps")
+  if max_norm is not None:
+    _base.check_threshold(max_norm, "max_norm")
+  warmup = _base.check_int(warmup_steps, "warmup_steps", 1)
+  mode = _check_choice(mode, "mode", _MODES)
+  if mode == "zscore":
+    clip_option = _check_choice(clip_option, "clip_option", _CLIP_OPTIONS)
+
+  def init_fn(params):
+    dtype = _base.record_dtype(params)
+    z, zero = jnp.zeros([], dtype), _base.zero_count()
+    false = jnp.zeros([], bool)
+    return ZClipState(
+      zero, z, z, jnp.ones([], dtype), false, false, z, z, z, jnp.zeros((warmup,), dtype), zero
+    )
+
+  def adaptive(norm, mean, var):
+    """The clip value of the reference once initialised, and whether n spikes."""
+    std = jnp.sqrt(var)
+    zt = jnp.asarray(z_thresh, norm.dtype)
+    z = (norm - mean) / (std + eps)
+    if mode == "percentile":
+      bound = mean + zt * std
+      return bound, norm > bound, z
+    if clip_option == "mean":
+      return mean, z > zt, z
+    bound = (mean + zt * std / (z / zt)) * jnp.asarray(clip_factor, norm.dtype)
+    return bound, z > zt, z
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    norm = _adaptive._global_norm(updates)
+    dtype = norm.dtype
+    finite = jnp.isfinite(norm)
+    cap = jnp.inf if max_norm is None else max_norm
+    cap = _base.resolve(cap, state.count, dtype)
+    warming = state.filled < warmup
+
+    # Warmup: record the norm; initialise the statistics once the sample is full.
+    slot = jnp.minimum(state.filled, warmup - 1)
+    keep = warming & finite
+    buf = jnp.where(keep, state.warmup_norms.at[slot].set(norm), state.warmup_norms)
+    filled = state.filled + keep.astype(jnp.int32)
+    w_mean = jnp.mean(buf)
+    w_var = jnp.mean(jnp.square(buf - w_mean))
+    ready = warming & (filled >= warmup)
+
+    # After warmup: z-score against the EMA.
+    bound, spike, z = adaptive(norm, state.mean, state.var)
+    spike = ~warming & finite & spike
+    threshold = jnp.minimum(jnp.where(spike, bound, jnp.inf), cap).astype(dtype)
+    scale, clipped = _base.clip_scale(norm, threshold)
+    x = jnp.where(spike, bound, norm)
+    a = jnp.asarray(alpha, dtype)
+    ema_mean = a * state.mean + (1 - a) * x
+    ema_var = a * state.var + (1 - a) * jnp.square(x - ema_mean)
+    step = ~warming & finite
+    if skip_update_on_spike:
+      step = step & ~spike
+
+    mean = jnp.where(ready, w_mean, jnp.where(step, ema_mean, state.mean)).astype(dtype)
+    var = jnp.where(ready, w_var, jnp.where(step, ema_var, state.var)).astype(dtype)
+    new_state = ZClipState(
+        state.count + 1, norm, threshold, scale, clipped, spike,
+        jnp.where(warming, 0, z).astype(dtype), mean, var, buf, filled,
+    )  # fmt: skip
+    updates = _base.map_inexact(lambda x: _base.scale_leaf(x, scale), updates)
+    return updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,194 @@
+"""Tests of skip_on_spike and skip_nonfinite."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxclip._guards import SkipNonFiniteState, SkipOnSpikeState, skip_nonfinite, skip_on_spike
+
+
+def ref_skip_on_spike(norms, losses, window, n_sigma, min_history, record_skipped=False):
+  """OLMo's rule (mean + n_sigma * sample std of the finite window), one flag per step."""
+  hist_n, hist_l, skips = [], [], []
+  for n, loss in zip(norms, losses, strict=True):
+
+    def out(v, h):
+      h = [x for x in h if np.isfinite(x)]
+      if len(h) < min_history:
+        return False
+      return v > np.mean(h) + n_sigma * np.std(h, ddof=1)
+
+    finite = np.isfinite(n) and (loss is None or np.isfinite(loss))
+    skip = not finite or out(n, hist_n) or (loss is not None and out(loss, hist_l))
+    skips.append(skip)
+    if finite and (record_skipped or not skip):
+      hist_n = (hist_n + [n])[-window:]
+      hist_l = (hist_l + [np.nan if loss is None else loss])[-window:]
+  return skips
+
+
+def _stream(seed, steps, spikes=()):
+  rng = np.random.default_rng(seed)
+  norms = np.exp(rng.normal(0, 0.1, steps))
+  losses = 2.0 + 0.05 * rng.normal(size=steps)
+  for t in spikes:
+    norms[t] *= 5
+    losses[t] += 1.0
+  return norms.astype(np.float32), losses.astype(np.float32)
+
+
+def _run(opt, norms, losses, jit=True):
+  params = {"w": jnp.zeros(4)}
+  state = opt.init(params)
+  update = jax.jit(opt.update) if jit else opt.update
+  out = []
+  for n, loss in zip(norms, losses, strict=True):
+    g = {"w": jnp.full(4, n / 2)}  # global norm n
+    extra = {} if loss is None else {"loss": jnp.asarray(loss)}
+    u, state = update(g, state, params, **extra)
+    out.append((u, state))
+  return out
+
+
+@pytest.mark.parametrize("record_skipped", [False, True])
+@pytest.mark.parametrize("use_loss", [False, True])
+def test_skip_on_spike_matches_reference(use_loss, record_skipped):
+  norms, losses = _stream(0, 80, spikes=(40, 41, 55, 70))
+  if not use_loss:
+    norms[55] = norms[70] = 1.0  # only the loss spiked there
+  losses_in = list(losses) if use_loss else [None] * len(norms)
+  opt = skip_on_spike(optax.sgd(1.0), 16, 4.0, 8, record_skipped=record_skipped)
+  out = _run(opt, norms, losses_in)
+  expected = ref_skip_on_spike(norms, losses_in, 16, 4.0, 8, record_skipped)
+  got = [bool(s.skipped) for _, s in out]
+  assert got == expected
+  assert got[40] and int(out[-1][1].total_skipped) == sum(expected)
+  if not record_skipped:  # recorded spikes widen OLMo's band: 55 and 70 may pass there
+    assert got[55] == use_loss and got[70] == use_loss
+
+
+def test_skip_on_spike_leaves_inner_state_and_params():
+  norms, losses = _stream(1, 30, spikes=(25,))
+  opt = skip_on_spike(optax.adam(0.1), 16, 4.0, 8)
+  out = _run(opt, norms, losses)
+  (_, before), (u, after) = out[24], out[25]
+  assert bool(after.skipped)
+  jax.tree.map(np.testing.assert_array_equal, after.inner_state, before.inner_state)
+  np.testing.assert_array_equal(u["w"], np.zeros(4))
+  params = optax.apply_updates({"w": jnp.ones(4)}, u)
+  np.testing.assert_array_equal(params["w"], np.ones(4))
+
+
+def test_skip_on_spike_nonfinite_always_skipped_and_not_recorded():
+  opt = skip_on_spike(optax.sgd(1.0), 8, 6.0, 4)
+  out = _run(opt, [1.0, np.inf, 1.0], [1.0, 1.0, np.nan])
+  assert [bool(s.skipped) for _, s in out] == [False, True, True]
+  assert int(out[-1][1].filled) == 1
+
+
+def test_skip_on_spike_forwards_loss_to_inner():
+  seen = []
+
+  def update_fn(updates, state, params=None, *, loss, **extra):
+    seen.append(loss)
+    return updates, state
+
+  inner = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update_fn)
+  opt = skip_on_spike(inner, 8, 6.0, 4)
+  u, _ = opt.update({"w": jnp.ones(2)}, opt.init({"w": jnp.ones(2)}), loss=jnp.asarray(3.0))
+  assert float(seen[-1]) == 3.0
+  np.testing.assert_array_equal(u["w"], np.ones(2))
+
+
+def test_skip_on_spike_jit_matches_eager_and_fixed_state():
+  norms, losses = _stream(2, 24, spikes=(20,))
+  opt = skip_on_spike(optax.adam(0.1), 8, 3.0, 4)
+  a, b = _run(opt, norms, losses, jit=True), _run(opt, norms, losses, jit=False)
+  init = opt.init({"w": jnp.zeros(4)})
+  assert isinstance(init, SkipOnSpikeState)
+  shapes = jax.tree.map(lambda x: (x.shape, x.dtype), init)
+  for (ua, sa), (ub, sb) in zip(a, b, strict=True):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), (ua, sa), (ub, sb))
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), sa) == shapes
+  leaves, treedef = jax.tree.flatten(a[-1][1])
+  assert all(isinstance(x, jax.Array) for x in leaves)
+  restored = treedef.unflatten([np.asarray(x) for x in leaves])
+  g = {"w": jnp.ones(4)}
+  r1 = jax.jit(opt.update)(g, restored, {"w": jnp.zeros(4)}, loss=jnp.float32(2.0))
+  r2 = jax.jit(opt.update)(g, a[-1][1], {"w": jnp.zeros(4)}, loss=jnp.float32(2.0))
+  jax.tree.map(np.testing.assert_array_equal, r1, r2)
+
+
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
+    ({"window": 1}, "window"),
+    ({"window": 8, "min_history": 9}, "min_history"),
+    ({"min_history": 1}, "min_history"),
+    ({"n_sigma": -1.0}, "n_sigma"),
+  ],
+)
+def test_skip_on_spike_bad_arguments(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    skip_on_spike(optax.sgd(1.0), **kwargs)
+
+
+# ----------------------------------------------------------------- skip_nonfinite
+
+
+def _grads(pattern):
+  return [{"w": jnp.array([1.0, np.nan if bad else 2.0])} for bad in pattern]
+
+
+def test_skip_nonfinite_counts_and_skips():
+  opt = skip_nonfinite(optax.adam(0.1))
+  params = {"w": jnp.zeros(2)}
+  state = opt.init(params)
+  assert isinstance(state, SkipNonFiniteState)
+  records = []
+  for g in _grads([0, 1, 1, 0, 1]):
+    before = state.inner_state
+    u, state = jax.jit(opt.update)(g, state, params)
+    records.append(
+      (int(state.total_skipped), int(state.consecutive_skipped), bool(state.last_finite))
+    )
+    if not bool(state.last_finite):
+      jax.tree.map(np.testing.assert_array_equal, state.inner_state, before)
+      np.testing.assert_array_equal(u["w"], np.zeros(2))
+  assert records == [(0, 0, True), (1, 1, False), (2, 2, False), (2, 0, True), (3, 1, False)]
+  assert int(state.count) == 5 and int(state.applied_nonfinite) == 0
+
+
+def test_skip_nonfinite_gives_up_after_max_consecutive():
+  opt = skip_nonfinite(optax.sgd(1.0), max_consecutive=2)
+  state = opt.init({"w": jnp.zeros(2)})
+  applied = []
+  for g in _grads([1, 1, 1, 1, 0, 1]):
+    u, state = opt.update(g, state)
+    applied.append(bool(np.isnan(u["w"][1])))
+  assert applied == [False, False, True, True, False, False]
+  assert int(state.applied_nonfinite) == 2 and int(state.total_skipped) == 3
+
+
+def test_skip_nonfinite_forwards_extra_args():
+  seen = []
+
+  def update_fn(updates, state, params=None, **extra):
+    seen.append(extra)
+    return updates, state
+
+  inner = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update_fn)
+  opt = skip_nonfinite(inner)
+  opt.update({"w": jnp.ones(2)}, opt.init({"w": jnp.ones(2)}), loss=1.5)
+  assert seen[-1]["loss"] == 1.5
+
+
+def test_skip_nonfinite_bad_argument():
+  with pytest.raises(ValueError, match="max_consecutive"):
+    skip_nonfinite(optax.sgd(1.0), max_consecutive=-1)
+  with pytest.raises(TypeError, match="max_consecutive"):
+    skip_nonfinite(optax.sgd(1.0), max_consecutive=2.0)
