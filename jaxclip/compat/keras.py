@@ -1,0 +1,159 @@
+"""Keras 3 optimizer clipping (``clipnorm``, ``clipvalue``, ``global_clipnorm``).
+
+`with_clipping` wraps any optax optimizer so that it clips gradients exactly
+as a Keras 3 optimizer constructed with the same argument does (see
+``keras/src/optimizers/base_optimizer.py``):
+
+* ``clipnorm``: every gradient on its own, ``g * clipnorm / max(l2norm(g),
+  clipnorm)`` (the formula of `tf.clip_by_norm`);
+* ``clipvalue``: every entry clipped to ``[-clipvalue, clipvalue]``;
+* ``global_clipnorm``: all gradients scaled by ``clipnorm * min(1 / norm, 1 /
+  clipnorm)``, NaN for a non-finite norm (the formula of
+  `tf.clip_by_global_norm`, with Keras' global norm
+  ``sqrt(sum(sum(g**2)))``).
+
+Norms are computed in the gradients' dtype, as Keras does. Keras allows one of
+the three only, and so does `with_clipping`. Keras silently ignores a
+negative value; `with_clipping` rejects it. A value of 0 disables clipping in
+both. See ``docs/porting.md`` for a side-by-side comparison.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxclip import _base
+from jaxclip.compat.tf import _divide
+
+__all__ = ["with_clipping"]
+
+
+def _check(value: float | None, name: str) -> float | None:
+  if value is None:
+    return None
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(
+      f"`{name}` must be a Python number or None, got {value!r} of type {type(value).__name__}."
+    )
+  if not value >= 0:  # also NaN
+    raise ValueError(
+      f"`{name}` must be >= 0, got {value!r}. Keras silently ignores negative"
+      " values; pass None (or 0) to disable clipping."
+    )
+  return float(value)
+
+
+def _clip_by_norm(g: jax.Array, clipnorm: float) -> jax.Array:
+  l2sum = jnp.sum(jnp.square(g), keepdims=True)
+  pred = l2sum > 0
+  l2sum_safe = jnp.where(pred, l2sum, jnp.ones_like(l2sum))
+  l2norm = jnp.where(pred, jnp.sqrt(l2sum_safe), l2sum)
+  c = jnp.asarray(clipnorm, g.dtype)
+  return _divide(g * c, jnp.maximum(l2norm, c))
+
+
+def _clip_by_global_norm(grads: Any, clipnorm: float) -> Any:
+  leaves = _base.inexact_leaves(grads)
+  if not leaves:
+    return grads
+  squared = jnp.stack([jnp.sum(jnp.square(g)) for g in leaves])
+  norm = jnp.sqrt(jnp.sum(squared))
+  c = jnp.asarray(clipnorm, norm.dtype)
+  scale_for_finite = c * jnp.minimum(1.0 / norm, 1.0 / c)
+  scale = scale_for_finite + (norm - norm)  # NaN when the norm is not finite.
+  return _base.map_inexact(lambda g: g * scale.astype(g.dtype), grads)
+
+
+def _clip_by_value(g: jax.Array, clipvalue: float) -> jax.Array:
+  v = jnp.asarray(clipvalue, g.dtype)
+  return jnp.clip(g, -v, v)
+
+
+def with_clipping(
+  tx: optax.GradientTransformation,
+  *,
+  clipnorm: float | None = None,
+  clipvalue: float | None = None,
+  global_clipnorm: float | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Wraps `tx` to clip gradients as a Keras 3 optimizer does.
+
+  ``keras.optimizers.SGD(0.1, clipnorm=1.0)`` becomes
+  ``with_clipping(optax.sgd(0.1), clipnorm=1.0)``: the gradients are clipped
+  first, then passed to `tx` with its state, the parameters and any extra
+  arguments. At most one of the three arguments may be set; with none set (or
+  the one set to 0), `tx` runs on the gradients as they are.
+
+  Args:
+    tx: Any optax optimizer or transform.
+    clipnorm: If set, each gradient is clipped to this Euclidean norm on its
+      own.
+    clipvalue: If set, each entry is clipped to ``[-clipvalue, clipvalue]``.
+    global_clipnorm: If set, all gradients are scaled together so that their
+      global norm is at most this value.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` with the state of `tx`.
+
+  Raises:
+    ValueError: If more than one of the three is set, or one is negative or
+      NaN.
+    TypeError: If one is not a Python number.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from jaxclip.compat.keras import with_clipping
+    >>> tx = with_clipping(optax.sgd(0.1), global_clipnorm=1.0)
+    >>> params = {"w": jnp.zeros(2)}
+    >>> updates, _ = tx.update({"w": jnp.array([3.0, 4.0])}, tx.init(params), params)
+    >>> updates["w"]
+    Array([-0.06      , -0.08000001], dtype=float32)
+
+  References:
+    Keras, `Optimizer base class
+    <https://keras.io/api/optimizers/#base-optimizer-class>`_
+    (``clipnorm``, ``clipvalue``, ``global_clipnorm``).
+  """
+  set_args = {
+    name: value
+    for name, value in (
+      ("clipnorm", clipnorm),
+      ("clipvalue", clipvalue),
+      ("global_clipnorm", global_clipnorm),
+    )
+    if value is not None
+  }
+  if len(set_args) > 1:
+    given = ", ".join(f"{k}={v!r}" for k, v in set_args.items())
+    raise ValueError(
+      f"Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set,"
+      f" got {given}. Keep one, or chain jaxclip transforms explicitly."
+    )
+  clipnorm = _check(clipnorm, "clipnorm")
+  clipvalue = _check(clipvalue, "clipvalue")
+  global_clipnorm = _check(global_clipnorm, "global_clipnorm")
+  inner = optax.with_extra_args_support(tx)
+
+  def clip(grads):
+    # Keras clips only with a value > 0 (`if self.clipnorm and ...`).
+    if clipnorm:
+      return _base.map_inexact(lambda g: _clip_by_norm(g, clipnorm), grads)
+    if global_clipnorm:
+      return _clip_by_global_norm(grads, global_clipnorm)
+    if clipvalue:
+      return _base.map_inexact(lambda g: _clip_by_value(g, clipvalue), grads)
+    return grads
+
+  def init_fn(params):
+    return inner.init(params)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    return inner.update(clip(updates), state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,383 @@
+"""Exact ports of PyTorch's gradient clipping (``torch.nn.utils.clip_grad*``).
+
+Each function follows the arithmetic of ``torch/nn/utils/clip_grad.py`` (and
+of the PyTorch kernels it calls) operation for operation, so that a model
+ported from PyTorch gets the same numbers: in float32 the results agree with
+PyTorch on CPU to within one unit in the last place. They are *not* the
+jaxclip formulas, and inherit PyTorch's behaviour:
+
+* The total norm is the norm of the per-tensor norms. Each per-tensor norm is
+  accumulated in float32 (for float16, bfloat16 and float32 tensors) and then
+  rounded to the tensor's dtype, so a float16 tensor of norm above 65504 has
+  norm inf; there is no rescaling, so float32 tensors with entries near 1e19
+  have norm inf too.
+* The scale is ``min(max_norm / (total_norm + 1e-6), 1)``, computed as
+  PyTorch does (a reciprocal, then a product, in the norm's dtype): tensors at
+  or just under `max_norm` are scaled by slightly less than 1, and tiny norms
+  are dominated by the 1e-6.
+* An inf total norm scales by 0 (finite entries become 0, infinite entries
+  NaN); a NaN total norm makes everything NaN. A negative `max_norm` flips
+  the sign of every gradient. Pass ``error_if_nonfinite=True`` to get an error
+  instead (see `get_total_norm` for how this works under `jax.jit`).
+
+Gradients are pytrees (a list, a dict, a model's parameter tree); `None`
+entries and integer leaves are skipped, like parameters whose ``.grad`` is
+None. Unlike PyTorch nothing is modified in place: clipped copies are
+returned. See ``docs/porting.md`` for a side-by-side comparison.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.experimental import checkify
+
+from jaxclip import _base
+
+__all__ = [
+  "clip_grad_norm",
+  "clip_grad_norm_transform",
+  "clip_grad_value",
+  "clip_grad_value_transform",
+  "clip_grads_with_norm",
+  "get_total_norm",
+]
+
+NormType = float | int | str
+
+_NONFINITE_MESSAGE = (
+  "The total norm of order {p} of the gradients is non-finite ({norm}), so"
+  " they cannot be clipped. Check the loss and the inputs for inf or NaN, or"
+  " pass error_if_nonfinite=False to scale by the non-finite norm anyway."
+)
+
+
+def _norm_type(norm_type: NormType) -> float:
+  if isinstance(norm_type, bool):
+    raise TypeError(f"`norm_type` must be a number or 'inf', got the bool {norm_type!r}.")
+  try:
+    return float(norm_type)  # As in PyTorch: also 'inf', '-inf', '2'.
+  except (TypeError, ValueError):
+    raise ValueError(
+      f"`norm_type` must be a number or a string such as 'inf', got"
+      f" {norm_type!r}. Use 2.0 for the Euclidean norm."
+    ) from None
+
+
+def _opmath(dtype: jnp.dtype) -> jnp.dtype:
+  """The dtype PyTorch computes in for `dtype` (float32 for half types)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _vector_norm(x: jax.Array, p: float) -> jax.Array:
+  """`torch.linalg.vector_norm(x, p)`: accumulated in float32, in x's dtype."""
+  acc = _opmath(jnp.finfo(x.dtype).dtype)
+  a = jnp.abs(x).astype(acc).ravel()
+  if p == 2:
+    r = jnp.sqrt(jnp.sum(a * a))
+  elif p == math.inf:
+    r = jnp.max(a, initial=0)
+  elif p == -math.inf:
+    r = jnp.min(a, initial=math.inf)
+  elif p == 0:
+    r = jnp.sum(a != 0).astype(acc)
+  elif p == 1:
+    r = jnp.sum(a)
+  else:
+    r = _pow(jnp.sum(_pow(a, p)), 1 / p)
+  return r.astype(jnp.finfo(x.dtype).dtype)
+
+
+def _pow(a: jax.Array, e: float) -> jax.Array:
+  """``a ** e`` with PyTorch's special cases for common exponents."""
+  if e == 0.5:
+    return jnp.sqrt(a)
+  if e == 2:
+    return a * a
+  return a**e
+
+
+def get_total_norm(
+  grads: Any, norm_type: NormType = 2.0, error_if_nonfinite: bool = False
+) -> jax.Array:
+  """`torch.nn.utils.get_total_norm`: the norm of the per-tensor norms.
+
+  Each floating leaf's norm is computed as `torch.linalg.vector_norm` does
+  (accumulated in float32, rounded to the leaf's dtype); the norms are
+  grouped by dtype in order of first appearance (PyTorch's order), stacked in
+  their promoted dtype and their norm taken in turn. For p = 2 this is the
+  norm of all entries together; for other orders, e.g. ``-inf`` (the
+  smallest tensor-wise minimum) or 0 (the number of non-zero tensors), the
+  result is PyTorch's. This differs from `jaxclip.global_norm`, which sums
+  in float32 throughout and never overflows.
+
+  With ``error_if_nonfinite=True`` an inf or NaN norm raises a RuntimeError
+  when the gradients are concrete. Under `jax.jit` values are not known at
+  trace time, so the check is a `jax.experimental.checkify` check: wrap the
+  jitted function with `checkify.checkify` and call ``.throw()`` on the error
+  it returns::
+
+    from jax.experimental import checkify
+
+    @jax.jit
+    def step(grads):
+      return get_total_norm(grads, error_if_nonfinite=True)
+
+    err, norm = checkify.checkify(step)(grads)
+    err.throw()  # raises a JaxRuntimeError if the norm was not finite
+
+  Calling the jitted function without `checkify.checkify` fails at trace time.
+
+  Args:
+    grads: A pytree of gradients (a list, a dict, ...); `None` entries and
+      integer leaves are skipped.
+    norm_type: The order p: any float, ``math.inf``, ``-math.inf``, or a
+      string such as ``'inf'``.
+    error_if_nonfinite: Whether to raise if the total norm is inf or NaN.
+
+  Returns:
+    A scalar in the promoted dtype of the leaves (float32 for no leaves).
+
+  Raises:
+    RuntimeError: If `error_if_nonfinite` and the (concrete) norm is not
+      finite.
+    ValueError: If `norm_type` is not a number or a numeric string.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxclip.compat import torch
+    >>> g = [jnp.array([3.0, 4.0]), None, jnp.array([12.0])]
+    >>> torch.get_total_norm(g)
+    Array(13., dtype=float32)
+    >>> torch.get_total_norm(g, norm_type="inf")
+    Array(12., dtype=float32)
+
+  References:
+    PyTorch, `torch.nn.utils.get_total_norm
+    <https://pytorch.org/docs/stable/generated/torch.nn.utils.get_total_norm.html>`_.
+  """
+  p = _norm_type(norm_type)
+  leaves = _base.inexact_leaves(grads)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  groups: dict[jnp.dtype, list[jax.Array]] = {}
+  for x in leaves:
+    groups.setdefault(x.dtype, []).append(_vector_norm(x, p))
+  norms = [n for group in groups.values() for n in group]
+  dtype = jnp.result_type(*norms)
+  total = _vector_norm(jnp.stack([n.astype(dtype) for n in norms]), p)
+  if error_if_nonfinite:
+    _check_finite(total, p)
+  return total
+
+
+def _check_finite(total: jax.Array, p: float) -> None:
+  if _base.is_concrete(total):
+    if not bool(jnp.isfinite(total)):
+      raise RuntimeError(_NONFINITE_MESSAGE.format(p=p, norm=float(total)))
+    return
+  checkify.check(jnp.isfinite(total), _NONFINITE_MESSAGE, p=jnp.asarray(p), norm=total)
+
+
+def clip_grads_with_norm(
+  grads: Any, max_norm: jax.typing.ArrayLike, total_norm: jax.typing.ArrayLike
+) -> Any:
+  """`torch.nn.utils.clip_grads_with_norm_`, returning the clipped copy.
+
+  Every floating leaf is multiplied by ``min(max_norm / (total_norm + 1e-6),
+  1)``, computed as PyTorch does: ``total_norm + 1e-6`` and its reciprocal
+  are rounded to the norm's dtype, `max_norm` is not (PyTorch multiplies by
+  Python numbers in float32), and each leaf is multiplied in the promoted
+  dtype of the leaf and the scale, then rounded back to the leaf's dtype.
+
+  Args:
+    grads: A pytree of gradients.
+    max_norm: The largest allowed norm. Not validated, as in PyTorch: a
+      negative value flips the sign of the gradients.
+    total_norm: The norm to clip by, e.g. from `get_total_norm`.
+
+  Returns:
+    The gradients scaled, in the structure of `grads`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxclip.compat import torch
+    >>> g = {"w": jnp.array([3.0, 4.0])}
+    >>> torch.clip_grads_with_norm(g, 1.0, torch.get_total_norm(g))["w"]
+    Array([0.5999999 , 0.79999983], dtype=float32)
+
+  References:
+    PyTorch, `torch.nn.utils.clip_grads_with_norm_
+    <https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grads_with_norm_.html>`_.
+  """
+  total = jnp.asarray(total_norm)
+  if not jnp.issubdtype(total.dtype, jnp.floating):
+    total = total.astype(jnp.float32)
+  op = _opmath(total.dtype)
+  denom = (total.astype(op) + jnp.asarray(1e-6, op)).astype(total.dtype)
+  reciprocal = (1 / denom.astype(op)).astype(total.dtype)
+  coef = (reciprocal.astype(op) * jnp.asarray(max_norm, op)).astype(total.dtype)
+  coef = jnp.minimum(coef, jnp.asarray(1.0, coef.dtype))
+
+  def scale(x):
+    dtype = jnp.promote_types(x.dtype, coef.dtype)
+    return (x.astype(dtype) * coef.astype(dtype)).astype(x.dtype)
+
+  return _base.map_inexact(scale, grads)
+
+
+def clip_grad_norm(
+  grads: Any,
+  max_norm: jax.typing.ArrayLike,
+  norm_type: NormType = 2.0,
+  error_if_nonfinite: bool = False,
+) -> tuple[Any, jax.Array]:
+  """`torch.nn.utils.clip_grad_norm_`, returning ``(clipped, total_norm)``.
+
+  `get_total_norm` followed by `clip_grads_with_norm`. The norm returned is
+  the one before clipping, as in PyTorch.
+
+  Args:
+    grads: A pytree of gradients; `None` entries and integer leaves are
+      skipped.
+    max_norm: The largest allowed norm (not validated, as in PyTorch).
+    norm_type: The order of the norm: any float or ``'inf'``.
+    error_if_nonfinite: Whether to raise if the total norm is inf or NaN
+      (under `jax.jit`, see `get_total_norm`).
+
+  Returns:
+    ``(clipped, total_norm)``.
+
+  Raises:
+    RuntimeError: If `error_if_nonfinite` and the concrete norm is not finite.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxclip.compat import torch
+    >>> clipped, norm = torch.clip_grad_norm([jnp.array([3.0, 4.0])], 10.0)
+    >>> clipped[0], norm
+    (Array([3., 4.], dtype=float32), Array(5., dtype=float32))
+
+  References:
+    PyTorch, `torch.nn.utils.clip_grad_norm_
+    <https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_norm_.html>`_.
+  """
+  total = get_total_norm(grads, norm_type, error_if_nonfinite)
+  return clip_grads_with_norm(grads, max_norm, total), total
+
+
+def clip_grad_value(grads: Any, clip_value: jax.typing.ArrayLike) -> Any:
+  """`torch.nn.utils.clip_grad_value_`, returning the clipped copy.
+
+  Every floating entry is clamped to ``[-clip_value, clip_value]`` (first
+  from below, then from above, as PyTorch does; a negative `clip_value` thus
+  sets every entry to `clip_value`). NaN stays NaN.
+
+  Args:
+    grads: A pytree of gradients.
+    clip_value: The largest allowed magnitude.
+
+  Returns:
+    The gradients clamped, in the structure of `grads`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxclip.compat import torch
+    >>> torch.clip_grad_value([jnp.array([-3.0, 0.5, 2.0])], 1.0)[0]
+    Array([-1. ,  0.5,  1. ], dtype=float32)
+
+  References:
+    PyTorch, `torch.nn.utils.clip_grad_value_
+    <https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_value_.html>`_.
+  """
+  if isinstance(clip_value, numbers.Real) and not isinstance(clip_value, bool):
+    clip_value = float(clip_value)
+
+  def clamp(x):
+    v = jnp.asarray(clip_value).astype(x.dtype)
+    return jnp.minimum(jnp.maximum(x, -v), v)
+
+  return _base.map_inexact(clamp, grads)
+
+
+def clip_grad_norm_transform(
+  max_norm: jax.typing.ArrayLike,
+  norm_type: NormType = 2.0,
+  error_if_nonfinite: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  """`clip_grad_norm` as an optax transform: ``optax.chain`` it before the
+  optimizer, where PyTorch calls ``clip_grad_norm_`` before ``step()``.
+
+  Args:
+    max_norm: The largest allowed norm.
+    norm_type: The order of the norm: any float or ``'inf'``.
+    error_if_nonfinite: Whether to raise if the total norm is inf or NaN
+      (under `jax.jit`, wrap the step with `checkify.checkify`, see
+      `get_total_norm`).
+
+  Returns:
+    A stateless `optax.GradientTransformationExtraArgs`.
+
+  Raises:
+    ValueError: If `norm_type` is not a number or a numeric string.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from jaxclip.compat import torch
+    >>> tx = optax.chain(torch.clip_grad_norm_transform(1.0), optax.sgd(1.0))
+    >>> g = {"w": jnp.array([3.0, 4.0])}
+    >>> tx.update(g, tx.init(g))[0]["w"]
+    Array([-0.5999999 , -0.79999983], dtype=float32)
+
+  References:
+    PyTorch, `torch.nn.utils.clip_grad_norm_
+    <https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_norm_.html>`_.
+  """
+  _norm_type(norm_type)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    return clip_grad_norm(updates, max_norm, norm_type, error_if_nonfinite)[0], state
+
+  return optax.GradientTransformationExtraArgs(_init_empty, update_fn)
+
+
+def clip_grad_value_transform(
+  clip_value: jax.typing.ArrayLike,
+) -> optax.GradientTransformationExtraArgs:
+  """`clip_grad_value` as an optax transform.
+
+  Args:
+    clip_value: The largest allowed magnitude of an entry.
+
+  Returns:
+    A stateless `optax.GradientTransformationExtraArgs`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxclip.compat import torch
+    >>> tx = torch.clip_grad_value_transform(1.0)
+    >>> tx.update([jnp.array([-3.0, 0.5])], tx.init(None))[0][0]
+    Array([-1. ,  0.5], dtype=float32)
+
+  References:
+    PyTorch, `torch.nn.utils.clip_grad_value_
+    <https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_value_.html>`_.
+  """
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    return clip_grad_value(updates, clip_value), state
+
+  return optax.GradientTransformationExtraArgs(_init_empty, update_fn)
+
+
+def _init_empty(params: optax.Params) -> optax.EmptyState:
+  del params
+  return optax.EmptyState()

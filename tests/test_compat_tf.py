@@ -1,0 +1,179 @@
+"""Parity of `jaxclip.compat.tf` with TensorFlow itself (CPU)."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import pytest
+
+tf = pytest.importorskip(
+  "tensorflow", reason="parity tests need TensorFlow: pip install 'jaxclip[parity]'"
+)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxclip.compat import tf as ctf  # noqa: E402
+from tests._parity import assert_ulp, random_tensors  # noqa: E402
+
+DTYPES = [np.float32, np.float16, jnp.bfloat16]
+SHAPES = [[(7,)], [(3, 4), (5,), (2, 3, 5)], [(64, 33)], [(1,), (1000,)]]
+
+# TensorFlow sums float16/bfloat16 squares in half precision on CPU, in an
+# order of its own; the norm (and so every scaled entry) can then differ by a
+# few half-precision ulps. float32 agrees to 1 ulp.
+MAXULP = {np.dtype(np.float32): 1, np.dtype(np.float16): 4, np.dtype(jnp.bfloat16): 2}
+# `clip_by_norm` divides by a norm whose sum of squares XLA and Eigen reduce in
+# different orders (tensors of hundreds of entries, or reductions over
+# non-contiguous axes): the norm can be 1 ulp apart, and the quotient 2.
+NORM_MAXULP = {**MAXULP, np.dtype(np.float32): 2}
+
+
+def _tf(x):
+  return None if x is None else tf.constant(x)
+
+
+def _np(t):
+  return None if t is None else np.asarray(t.numpy())
+
+
+def _maxulp(dtype):
+  return MAXULP[np.dtype(dtype)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shapes", SHAPES)
+def test_global_norm(shapes, dtype):
+  ts = random_tensors(0, shapes, dtype)
+  assert_ulp(ctf.global_norm(ts), _np(tf.linalg.global_norm([_tf(t) for t in ts])), _maxulp(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shapes", SHAPES)
+@pytest.mark.parametrize("ratio", [0.5, 1.0, 2.0, 0.0, -1.0])
+def test_clip_by_global_norm(shapes, dtype, ratio):
+  ts = random_tensors(1, shapes, dtype)
+  norm = float(tf.linalg.global_norm([_tf(t) for t in ts]))
+  c = ratio * norm  # ratio 1.0: exactly at TensorFlow's norm.
+  want, want_norm = tf.clip_by_global_norm([_tf(t) for t in ts], c)
+  got, got_norm = ctf.clip_by_global_norm(ts, c)
+  tol = _maxulp(dtype)
+  assert_ulp(got_norm, _np(want_norm), tol)
+  for g, w in zip(got, want):
+    assert_ulp(g, _np(w), tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7,), (3, 4), (64, 33), (2, 3, 5)])
+@pytest.mark.parametrize("ratio", [0.5, 1.0, 2.0, 0.0, -1.0])
+def test_clip_by_norm(shape, dtype, ratio):
+  (t,) = random_tensors(2, [shape], dtype)
+  norm = float(tf.norm(tf.constant(t, tf.float32)))
+  c = ratio * norm
+  tol = NORM_MAXULP[np.dtype(dtype)]
+  assert_ulp(ctf.clip_by_norm(t, c), _np(tf.clip_by_norm(_tf(t), c)), tol)
+  # A 0-d array threshold goes through TensorFlow's other branch (max 0, cast).
+  c_arr = np.asarray(c, np.float32)
+  assert_ulp(ctf.clip_by_norm(t, c_arr), _np(tf.clip_by_norm(_tf(t), c_arr)), tol)
+
+
+@pytest.mark.parametrize("axes", [0, [1], [0, 2], (1, 2)])
+def test_clip_by_norm_axes(axes):
+  (t,) = random_tensors(3, [(4, 5, 6)], np.float32)
+  want = _np(tf.clip_by_norm(_tf(t), 1.5, axes=axes))
+  assert_ulp(ctf.clip_by_norm(t, 1.5, axes=axes), want, NORM_MAXULP[np.dtype(np.float32)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clip_by_value(dtype):
+  (t,) = random_tensors(4, [(5, 7)], dtype, scale=3.0)
+  t[0, :3] = [np.nan, np.inf, -np.inf]
+  for lo, hi in [(-1.0, 1.0), (-0.3, 2.5), (0.0, 0.0), (1.0, -1.0)]:
+    got = ctf.clip_by_value(t, lo, hi)
+    assert_ulp(got, _np(tf.clip_by_value(_tf(t), lo, hi)), 0)
+
+
+@pytest.mark.parametrize(
+  "special",
+  [
+    [np.zeros(3), np.zeros((2, 2))],
+    [np.array([1.0, np.inf]), np.ones(2)],
+    [np.array([1.0, np.nan]), np.ones(2)],
+    [np.array([np.inf, -np.inf])],
+    [np.array([1e20, 1e20])],  # squares overflow float32
+    [np.array([1e-25, 2e-25])],  # squares underflow float32
+  ],
+)
+@pytest.mark.parametrize("c", [1.0, 0.0, -2.0])
+def test_special_values(special, c):
+  ts = [np.asarray(t, np.float32) for t in special]
+  want, want_norm = tf.clip_by_global_norm([_tf(t) for t in ts], c)
+  got, got_norm = ctf.clip_by_global_norm(ts, c)
+  assert_ulp(got_norm, _np(want_norm))
+  for g, w in zip(got, want):
+    assert_ulp(g, _np(w))
+  for t in ts:
+    assert_ulp(ctf.clip_by_norm(t, c), _np(tf.clip_by_norm(_tf(t), c)))
+
+
+def test_float16_overflow():
+  # Squares above 65504 overflow in float16, in TensorFlow and here alike.
+  t = np.array([300.0, 400.0], np.float16)
+  assert_ulp(ctf.clip_by_norm(t, 1.0), _np(tf.clip_by_norm(_tf(t), 1.0)), 0)
+  assert np.all(np.asarray(ctf.clip_by_norm(t, 1.0)) == 0)
+  got, norm = ctf.clip_by_global_norm([t], 1.0)
+  want, want_norm = tf.clip_by_global_norm([_tf(t)], 1.0)
+  assert np.isinf(norm) and np.isinf(_np(want_norm))
+  assert np.all(np.isnan(got[0])) and np.all(np.isnan(_np(want[0])))
+
+
+def test_none_entries_and_empty():
+  ts = [None, np.array([3.0, 4.0], np.float32), None]
+  want, want_norm = tf.clip_by_global_norm([_tf(t) for t in ts], 1.0)
+  got, got_norm = ctf.clip_by_global_norm(ts, 1.0)
+  assert got[0] is None and got[2] is None and want[0] is None
+  assert_ulp(got[1], _np(want[1]))
+  assert_ulp(got_norm, _np(want_norm))
+  want, want_norm = tf.clip_by_global_norm([], 1.0)
+  got, got_norm = ctf.clip_by_global_norm([], 1.0)
+  assert got == want == []
+  assert_ulp(got_norm, _np(want_norm))
+  assert_ulp(ctf.global_norm([]), _np(tf.linalg.global_norm([])))
+
+
+def test_use_norm():
+  ts = random_tensors(5, [(3,), (4, 2)], np.float32)
+  want, _ = tf.clip_by_global_norm([_tf(t) for t in ts], 0.5, use_norm=tf.constant(2.0))
+  got, norm = ctf.clip_by_global_norm(ts, 0.5, use_norm=2.0)
+  assert float(norm) == 2.0
+  for g, w in zip(got, want):
+    assert_ulp(g, _np(w))
+
+
+def test_transforms_match_tensorflow():
+  ts = random_tensors(6, [(3, 3), (8,)], np.float32, scale=2.0)
+  tree = {"a": ts[0], "b": ts[1]}
+  want, _ = tf.clip_by_global_norm([_tf(t) for t in ts], 1.0)
+  tx = ctf.clip_by_global_norm_transform(1.0)
+  got, _ = tx.update(tree, tx.init(tree))
+  assert_ulp(got["a"], _np(want[0]))
+  assert_ulp(got["b"], _np(want[1]))
+  tx = ctf.clip_by_norm_transform(1.0)
+  got, _ = tx.update(tree, tx.init(tree))
+  assert_ulp(got["a"], _np(tf.clip_by_norm(_tf(ts[0]), 1.0)), 2)
+  assert_ulp(got["b"], _np(tf.clip_by_norm(_tf(ts[1]), 1.0)), 2)
+  tx = ctf.clip_by_value_transform(-0.5, 0.5)
+  got, _ = tx.update(tree, tx.init(tree))
+  assert_ulp(got["a"], _np(tf.clip_by_value(_tf(ts[0]), -0.5, 0.5)), 0)
+
+
+def test_worked_examples():
+  t = np.array([-2.0, 3.0, 6.0], np.float32)
+  assert_ulp(ctf.clip_by_norm(t, 5.0), _np(tf.clip_by_norm(_tf(t), 5.0)), 0)
+  ts = [t, np.array([-4.0, 6.0, 12.0], np.float32)]
+  want, want_norm = tf.clip_by_global_norm([_tf(x) for x in ts], 14.5)
+  got, got_norm = ctf.clip_by_global_norm(ts, 14.5)
+  assert_ulp(got_norm, _np(want_norm), 0)
+  for g, w in zip(got, want):
+    assert_ulp(g, _np(w), 0)
