@@ -18,9 +18,7 @@ import numpy as np
 import optax
 
 import jaxclip
-from jaxclip._adaptive import adagc, autoclip, quantile_clip
-from jaxclip._guards import skip_nonfinite, skip_on_spike
-from jaxclip._zclip import zclip
+from jaxclip import adagc, autoclip, quantile_clip, skip_nonfinite, skip_on_spike, zclip
 
 
 def make_params(layers: int, d: int = 512, vocab: int = 8192) -> dict:

@@ -8,7 +8,10 @@ gradients shaped like a 40M-parameter transformer, for:
 * `optax.chain(jaxclip.clip_by_global_norm(1.0), optax.adamw(...))`,
 
 interleaving the variants round by round so that machine noise hits them
-alike, and prints the median step time of each and the ratios.
+alike, and prints the median step time of each and the ratios. It also times
+one read of the gradients (a jitted sum of squares, with nothing written):
+any clipper must read the gradients once before the optimizer may use them,
+so ``1 + read / adamw`` is the floor for a clipping chain.
 
 Usage: python benchmarks/bench_runtime.py [--rounds 30] [--dtype float32]
 """
@@ -76,6 +79,18 @@ def main() -> None:
     run()
     runners[name] = run
 
+  read = jax.jit(
+    lambda g: sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(g))
+  )
+
+  def run_read():
+    for _ in range(args.steps_per_round):
+      out = read(grads)
+    jax.block_until_ready(out)
+
+  run_read()
+  runners["one read of the grads"] = run_read
+
   times = {name: [] for name in runners}
   for _ in range(args.rounds):
     for name, run in runners.items():
@@ -87,6 +102,8 @@ def main() -> None:
   for name, ts in times.items():
     m = _common.median(ts)
     print(f"{name:<24}{m * 1e3:>11.3f} ms{m / base:>9.3f}x{m / optax_clip:>14.3f}x")
+  floor = 1 + _common.median(times["one read of the grads"]) / base
+  print(f"floor for any clipping chain (adamw + one read): {floor:.3f}x adamw")
 
 
 if __name__ == "__main__":

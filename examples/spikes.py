@@ -26,9 +26,7 @@ import numpy as np
 import optax
 
 import jaxclip
-from jaxclip._adaptive import autoclip
-from jaxclip._guards import skip_on_spike
-from jaxclip._zclip import zclip
+from jaxclip import autoclip, skip_on_spike, zclip
 
 CONTEXT, VOCAB, EMBED, HIDDEN = 16, 128, 24, 256
 

@@ -57,10 +57,6 @@ def _global_norm(updates: Any) -> jax.Array:
   return norm.astype(_base.record_dtype(updates))
 
 
-def _f(x: Any, dtype: Any = jnp.float32) -> jax.Array:
-  return jnp.asarray(x, dtype)
-
-
 class AutoClipState(NamedTuple):
   """State of `autoclip`: a fixed window of past global norms.
 
@@ -117,8 +113,8 @@ def autoclip(
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from jaxclip._adaptive import autoclip
-    >>> tx = autoclip(50.0, history_size=4)
+    >>> import jaxclip
+    >>> tx = jaxclip.autoclip(50.0, history_size=4)
     >>> state = tx.init(jnp.zeros(2))
     >>> for g in ([3.0, 4.0], [0.0, 1.0], [6.0, 8.0]):
     ...   u, state = tx.update(jnp.array(g), state)
@@ -136,7 +132,7 @@ def autoclip(
     dtype = _base.record_dtype(params)
     zero = _base.zero_count()
     return AutoClipState(
-        zero, _f(0, dtype), _f(0, dtype), _f(1, dtype), _f(False, bool),
+        zero, _base.scalar(0, dtype), _base.scalar(0, dtype), _base.scalar(1, dtype), _base.scalar(False, bool),
         jnp.zeros((size,), dtype), zero, zero,
     )  # fmt: skip
 
@@ -222,8 +218,8 @@ def adagc(
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from jaxclip._adaptive import adagc
-    >>> tx = adagc(relative=2.0, warmup_steps=1, warmup_max_norm=10.0)
+    >>> import jaxclip
+    >>> tx = jaxclip.adagc(relative=2.0, warmup_steps=1, warmup_max_norm=10.0)
     >>> g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([1.0])}
     >>> state = tx.init(g)
     >>> _, state = tx.update(g, state)  # warmup: gamma = (5, 1)
@@ -245,7 +241,13 @@ def adagc(
     k = len(_base.inexact_leaves(params))
     vec = lambda v, d=dtype: jnp.full((k,), v, d)  # noqa: E731
     return AdaGCState(
-      _base.zero_count(), _f(0, dtype), vec(0), vec(0), vec(1), vec(False, bool), vec(jnp.inf)
+      _base.zero_count(),
+      _base.scalar(0, dtype),
+      vec(0),
+      vec(0),
+      vec(1),
+      vec(False, bool),
+      vec(jnp.inf),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -349,8 +351,8 @@ def quantile_clip(
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from jaxclip._adaptive import quantile_clip
-    >>> tx = quantile_clip(0.5, learning_rate=0.2, initial_max_norm=1.0)
+    >>> import jaxclip
+    >>> tx = jaxclip.quantile_clip(0.5, learning_rate=0.2, initial_max_norm=1.0)
     >>> u, state = tx.update(jnp.array([3.0, 4.0]), tx.init(jnp.zeros(2)))
     >>> u  # clipped to C = 1; the norm was above C so C grows by exp(0.1)
     Array([0.6, 0.8], dtype=float32)
@@ -376,9 +378,16 @@ def quantile_clip(
   def init_fn(params):
     dtype = _base.record_dtype(params)
     c = jnp.asarray(initial_max_norm, dtype)
-    z = _f(0, dtype)
+    z = _base.scalar(0, dtype)
     return QuantileClipState(
-      _base.zero_count(), z, c, _f(1, dtype), _f(False, bool), z, c, jax.random.PRNGKey(seed)
+      _base.zero_count(),
+      z,
+      c,
+      _base.scalar(1, dtype),
+      _base.scalar(False, bool),
+      z,
+      c,
+      jax.random.PRNGKey(seed),
     )
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -150,6 +150,11 @@ def clip_scale(norm: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Ar
   return jnp.where(clipped, threshold / safe_norm, 1).astype(norm.dtype), clipped
 
 
+def scalar(value: Any, dtype: Any = jnp.float32) -> jax.Array:
+  """A 0-d array of `dtype`, for state fields."""
+  return jnp.asarray(value, dtype)
+
+
 def zero_count() -> jax.Array:
   return jnp.zeros([], jnp.int32)
 

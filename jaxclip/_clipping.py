@@ -78,10 +78,6 @@ class PerTensorClipState(NamedTuple):
   clipped: jax.Array
 
 
-def _f(x: float, dtype: jnp.dtype = jnp.float32) -> jax.Array:
-  return jnp.asarray(x, dtype)
-
-
 def clip_by_value(
   min_value: Threshold, max_value: Threshold
 ) -> optax.GradientTransformationExtraArgs:
@@ -131,7 +127,9 @@ def clip_by_value(
 
   def init_fn(params):
     dtype = _base.record_dtype(params)
-    return ClipByValueState(_base.zero_count(), _f(0, dtype), _f(0), _f(False, bool))
+    return ClipByValueState(
+      _base.zero_count(), _base.scalar(0, dtype), _base.scalar(0), _base.scalar(False, bool)
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -242,7 +240,11 @@ def clip_by_global_norm(
   def init_fn(params):
     dtype = _base.record_dtype(params)
     return ClipByGlobalNormState(
-      _base.zero_count(), _f(0, dtype), _f(0, dtype), _f(1, dtype), _f(False, bool)
+      _base.zero_count(),
+      _base.scalar(0, dtype),
+      _base.scalar(0, dtype),
+      _base.scalar(1, dtype),
+      _base.scalar(False, bool),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -283,7 +285,7 @@ def per_tensor_clipper(
     k = len(_base.inexact_leaves(params))
     return PerTensorClipState(
       count=_base.zero_count(),
-      threshold=_f(0, dtype),
+      threshold=_base.scalar(0, dtype),
       norm=jnp.zeros((k,), dtype),
       scale=jnp.ones((k,), dtype),
       clipped=jnp.zeros((k,), bool),

@@ -113,8 +113,8 @@ def zclip(
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from jaxclip._zclip import zclip
-    >>> tx = zclip(warmup_steps=3, max_norm=None)
+    >>> import jaxclip
+    >>> tx = jaxclip.zclip(warmup_steps=3, max_norm=None)
     >>> state = tx.init(jnp.zeros(1))
     >>> for n in (1.0, 1.2, 0.8):  # warmup: mean 1, std 0.163
     ...   _, state = tx.update(jnp.array([n]), state)

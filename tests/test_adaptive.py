@@ -11,15 +11,16 @@ import numpy as np
 import optax
 import pytest
 
-from jaxclip._adaptive import (
+from jaxclip import (
   AdaGCState,
   AutoClipState,
   QuantileClipState,
+  ZClipState,
   adagc,
   autoclip,
   quantile_clip,
+  zclip,
 )
-from jaxclip._zclip import ZClipState, zclip
 
 RTOL = 2e-5
 

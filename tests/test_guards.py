@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxclip._guards import SkipNonFiniteState, SkipOnSpikeState, skip_nonfinite, skip_on_spike
+from jaxclip import SkipNonFiniteState, SkipOnSpikeState, skip_nonfinite, skip_on_spike
 
 
 def ref_skip_on_spike(norms, losses, window, n_sigma, min_history, record_skipped=False):
