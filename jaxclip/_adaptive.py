@@ -111,7 +111,7 @@ def autoclip(
       `history_size < 1`.
     TypeError: If `history_size` is not an int.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> import jaxclip
     >>> tx = jaxclip.autoclip(50.0, history_size=4)
@@ -122,8 +122,8 @@ def autoclip(
     Array([3., 4.], dtype=float32)
 
   References:
-    Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source
-    Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020.
+    Seetharaman et al., [AutoClip: Adaptive Gradient Clipping for Source
+    Separation Networks](https://arxiv.org/abs/2007.14469), 2020.
   """
   _base.check_range(percentile, "percentile", 0.0, 100.0, "Use e.g. 10 for the 10th percentile.")
   size = _base.check_int(history_size, "history_size", 1)
@@ -216,7 +216,7 @@ def adagc(
     ValueError: For a concrete negative or NaN `relative` or
       `warmup_max_norm`, `beta` outside [0, 1] or `warmup_steps < 1`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> import jaxclip
     >>> tx = jaxclip.adagc(relative=2.0, warmup_steps=1, warmup_max_norm=10.0)
@@ -228,8 +228,8 @@ def adagc(
     Array([2.], dtype=float32)
 
   References:
-    Wang et al., `AdaGC: Improving Training Stability for Large Language Model
-    Pretraining <https://arxiv.org/abs/2502.11034>`_, 2025.
+    Wang et al., [AdaGC: Improving Training Stability for Large Language Model
+    Pretraining](https://arxiv.org/abs/2502.11034), 2025.
   """
   _base.check_threshold(relative, "relative")
   _base.check_threshold(warmup_max_norm, "warmup_max_norm")
@@ -349,7 +349,7 @@ def quantile_clip(
     ValueError: For concrete hyperparameters out of range, or
       `count_noise_std` without `per_example`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> import jaxclip
     >>> tx = jaxclip.quantile_clip(0.5, learning_rate=0.2, initial_max_norm=1.0)
@@ -360,8 +360,8 @@ def quantile_clip(
     1.1052
 
   References:
-    Andrew et al., `Differentially Private Learning with Adaptive Clipping
-    <https://arxiv.org/abs/1905.03871>`_, 2021.
+    Andrew et al., [Differentially Private Learning with Adaptive
+    Clipping](https://arxiv.org/abs/1905.03871), 2021.
   """
   _base.check_range(target_quantile, "target_quantile", 0.0, 1.0, "Use 0.5 for the median.")
   _base.check_threshold(learning_rate, "learning_rate")

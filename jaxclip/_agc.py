@@ -35,7 +35,7 @@ def unitwise_clip(
   Raises:
     ValueError: If the three arrays do not have the same shape.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> import jaxclip
     >>> g = jnp.array([[3.0], [4.0]])
@@ -85,7 +85,7 @@ def adaptive_grad_clip(
     ValueError: If a concrete `clipping` or `eps` is negative or NaN, or
       `update` is called without `params`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> import jaxclip
     >>> params = {"w": jnp.array([[1.0], [0.0]])}
@@ -97,8 +97,8 @@ def adaptive_grad_clip(
            [0.08]], dtype=float32)
 
   References:
-    Brock et al., `High-Performance Large-Scale Image Recognition Without
-    Normalization <https://arxiv.org/abs/2102.06171>`_, 2021.
+    Brock et al., [High-Performance Large-Scale Image Recognition Without
+    Normalization](https://arxiv.org/abs/2102.06171), 2021.
   """
   _base.check_threshold(clipping, "clipping")
   _base.check_threshold(eps, "eps")

@@ -100,7 +100,7 @@ def clip_by_value(
   Raises:
     ValueError: If a concrete bound is NaN or `min_value > max_value`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> import jaxclip
     >>> tx = jaxclip.clip_by_value(-1.0, 0.5)
@@ -171,7 +171,7 @@ def clip(max_delta: Threshold) -> optax.GradientTransformationExtraArgs:
   Raises:
     ValueError: If a concrete `max_delta` is negative or NaN.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> import jaxclip
     >>> tx = jaxclip.clip(1.0)
@@ -216,7 +216,7 @@ def clip_by_global_norm(
   Raises:
     ValueError: If a concrete `max_norm` is negative or NaN, or `ord <= 0`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> import optax
     >>> import jaxclip
@@ -230,8 +230,8 @@ def clip_by_global_norm(
     >>> opt = optax.chain(jaxclip.clip_by_global_norm(1.0), optax.adam(1e-3))
 
   References:
-    Pascanu et al., `On the difficulty of training recurrent neural networks
-    <https://arxiv.org/abs/1211.5063>`_, 2013.
+    Pascanu et al., [On the difficulty of training recurrent neural
+    networks](https://arxiv.org/abs/1211.5063), 2013.
   """
   _base.check_threshold(max_norm, "max_norm")
   p = _base.check_ord(ord)
@@ -378,7 +378,7 @@ def clip_by_norm(
     ValueError: If a concrete `max_norm` is negative or NaN, `ord <= 0`, or
       `axis` does not fit a leaf.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> import jaxclip
     >>> tx = jaxclip.clip_by_norm(5.0)
@@ -413,7 +413,7 @@ def clip_by_block_rms(threshold: Threshold) -> optax.GradientTransformationExtra
   Raises:
     ValueError: If a concrete `threshold` is negative or NaN.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> import jaxclip
     >>> tx = jaxclip.clip_by_block_rms(1.0)

@@ -71,7 +71,7 @@ def skip_on_spike(
   n_sigma: jax.typing.ArrayLike = 6.0,
   min_history: int = 64,
   *,
-  record_skipped: bool = False,
+  record_skipped: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Skips steps whose gradient norm or loss spikes above its recent history.
 
@@ -82,12 +82,14 @@ def skip_on_spike(
   deviations. Nothing is skipped for spikes until `min_history` values are
   known. Non-finite norms or losses are always skipped and never recorded.
 
-  History of skipped steps: by default (``record_skipped=False``) a skipped
-  step's values do not enter the window, so a spike does not widen the band
-  used to judge the next steps. OLMo records every finite value, skipped or
-  not, which lets the window follow a lasting change of level (after a
-  learning-rate change, say) where the default would skip until the change is
-  seen as ordinary; pass ``record_skipped=True`` for OLMo's behaviour.
+  History of skipped steps: by default (``record_skipped=True``, as OLMo
+  does) every finite value enters the window, skipped or not, so the window
+  follows a lasting change of level (after a learning-rate change, say) and
+  training never locks into skipping every step. With
+  ``record_skipped=False`` a skipped step's values stay out of the window, so
+  a spike does not widen the band used to judge the next steps; but a lasting
+  jump of the norm above the band is then skipped for good, since the window
+  never sees the new level.
 
   Args:
     inner: The optimizer to guard; extra arguments (``loss=`` included) are
@@ -107,7 +109,7 @@ def skip_on_spike(
     ValueError: For `window < 2`, `min_history` outside ``[2, window]`` or a
       concrete negative or NaN `n_sigma`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> import optax
     >>> import jaxclip
@@ -120,9 +122,9 @@ def skip_on_spike(
     (Array([0., 0.], dtype=float32), True, 1)
 
   References:
-    Groeneveld et al., `OLMo: Accelerating the Science of Language Models
-    <https://arxiv.org/abs/2402.00838>`_, 2024; OLMo 2 (`2 OLMo 2 Furious
-    <https://arxiv.org/abs/2501.00656>`_, 2025) and
+    Groeneveld et al., [OLMo: Accelerating the Science of Language
+    Models](https://arxiv.org/abs/2402.00838), 2024; OLMo 2 ([2 OLMo 2
+    Furious](https://arxiv.org/abs/2501.00656), 2025) and
     ``olmo_core.optim.SkipStepOptimizer``.
   """
   size = _base.check_int(window, "window", 2)
@@ -222,7 +224,7 @@ def skip_nonfinite(
   Raises:
     ValueError: If `max_consecutive` is negative.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> import optax
     >>> import jaxclip

@@ -308,7 +308,7 @@ def global_norm(tree: object, ord: Ord = 2, *, axis_name: str | None = None) -> 
   Raises:
     ValueError: If `ord` is not > 0.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> import jaxclip
     >>> jaxclip.global_norm({"w": jnp.array([3.0, 4.0]), "b": jnp.zeros(2)})
@@ -362,7 +362,7 @@ def unitwise_norm(x: jax.typing.ArrayLike, axis: int | tuple[int, ...] | None = 
   Raises:
     ValueError: If `axis` is None and `x` has rank above 5.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> import jaxclip
     >>> jaxclip.unitwise_norm(jnp.array([[3.0, 0.0], [4.0, 1.0]]))

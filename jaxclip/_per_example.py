@@ -68,7 +68,7 @@ def per_example_global_norm_clip(
     ValueError: If a leaf has no batch axis, batch sizes differ, `grads` is
       empty, or a concrete `l2_norm_clip` is negative or NaN.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> import jaxclip
     >>> grads = [jnp.array([[0.0, 0, 0], [0, 3, 4], [4, 0, 3], [3, 4, 0]])]
@@ -76,8 +76,8 @@ def per_example_global_norm_clip(
     ([Array([1.75, 1.75, 1.75], dtype=float32)], Array(3, dtype=int32))
 
   References:
-    Abadi et al., `Deep Learning with Differential Privacy
-    <https://arxiv.org/abs/1607.00133>`_, 2016.
+    Abadi et al., [Deep Learning with Differential
+    Privacy](https://arxiv.org/abs/1607.00133), 2016.
   """
   _base.check_threshold(l2_norm_clip, "l2_norm_clip")
   leaves = _check_batched(grads, "per_example_global_norm_clip")
@@ -110,7 +110,7 @@ def per_example_layer_norm_clip(
     ValueError: If a leaf has no batch axis, batch sizes differ, `grads` is
       empty, or a concrete `global_l2_norm_clip` is negative or NaN.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> import jaxclip
     >>> grads = [jnp.array([[0.0, 0, 0], [0, 3, 4], [4, 0, 3], [3, 4, 0]])]
@@ -118,8 +118,8 @@ def per_example_layer_norm_clip(
     ([Array([1.75, 1.75, 1.75], dtype=float32)], [Array(3, dtype=int32)])
 
   References:
-    McMahan et al., `Learning Differentially Private Recurrent Language Models
-    <https://arxiv.org/abs/1710.06963>`_, 2018.
+    McMahan et al., [Learning Differentially Private Recurrent Language
+    Models](https://arxiv.org/abs/1710.06963), 2018.
   """
   _base.check_threshold(global_l2_norm_clip, "global_l2_norm_clip")
   leaves = _check_batched(grads, "per_example_layer_norm_clip")

@@ -111,7 +111,7 @@ def zclip(
     ValueError: For an unknown `mode` or `clip_option`, concrete
       hyperparameters out of range, or `warmup_steps < 1`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> import jaxclip
     >>> tx = jaxclip.zclip(warmup_steps=3, max_norm=None)
@@ -123,8 +123,8 @@ def zclip(
     (True, 1.042)
 
   References:
-    Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
-    <https://arxiv.org/abs/2504.02507>`_, 2025.
+    Kumar et al., [ZClip: Adaptive Spike Mitigation for LLM
+    Pre-Training](https://arxiv.org/abs/2504.02507), 2025.
   """
   _base.check_range(alpha, "alpha", 0.0, 1.0, "The paper uses 0.97.")
   _base.check_threshold(z_thresh, "z_thresh")

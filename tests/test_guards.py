@@ -192,3 +192,27 @@ def test_skip_nonfinite_bad_argument():
     skip_nonfinite(optax.sgd(1.0), max_consecutive=-1)
   with pytest.raises(TypeError, match="max_consecutive"):
     skip_nonfinite(optax.sgd(1.0), max_consecutive=2.0)
+
+
+def test_skip_on_spike_follows_a_lasting_change_of_level():
+  # Norms jump from about 1 to about 10 for good: the default (OLMo's) rule
+  # skips the first steps at the new level, then the window catches up.
+  opt = skip_on_spike(optax.sgd(1.0), window=16, n_sigma=3.0, min_history=8)
+  state = opt.init(jnp.zeros(2))
+  skipped = []
+  step = jax.jit(opt.update)
+  for i in range(80):
+    level = 1.0 if i < 30 else 10.0
+    g = jnp.array([level * (1 + 0.05 * np.sin(i)), 0.0])
+    _, state = step(g, state)
+    skipped.append(bool(state.skipped))
+  assert any(skipped[30:40])  # the jump is caught
+  assert not any(skipped[60:])  # and training goes on at the new level
+  # Keeping skipped values out of the window locks into skipping.
+  opt = skip_on_spike(optax.sgd(1.0), window=16, n_sigma=3.0, min_history=8, record_skipped=False)
+  state = opt.init(jnp.zeros(2))
+  step = jax.jit(opt.update)
+  for i in range(80):
+    level = 1.0 if i < 30 else 10.0
+    _, state = step(jnp.array([level * (1 + 0.05 * np.sin(i)), 0.0]), state)
+  assert bool(state.skipped)

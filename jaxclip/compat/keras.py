@@ -105,7 +105,7 @@ def with_clipping(
       NaN.
     TypeError: If one is not a Python number.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> import optax
     >>> from jaxclip.compat.keras import with_clipping
@@ -116,8 +116,8 @@ def with_clipping(
     Array([-0.06      , -0.08000001], dtype=float32)
 
   References:
-    Keras, `Optimizer base class
-    <https://keras.io/api/optimizers/#base-optimizer-class>`_
+    Keras, [Optimizer base
+    class](https://keras.io/api/optimizers/#base-optimizer-class)
     (``clipnorm``, ``clipvalue``, ``global_clipnorm``).
   """
   set_args = {

@@ -78,15 +78,14 @@ def clip_by_value(
   Returns:
     An array of the shape and dtype of `t`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from jaxclip.compat import tf
     >>> tf.clip_by_value(jnp.array([-10.0, -1.0, 0.5, 10.0]), -1, 1)
     Array([-1. , -1. ,  0.5,  1. ], dtype=float32)
 
   References:
-    TensorFlow, `tf.clip_by_value
-    <https://www.tensorflow.org/api_docs/python/tf/clip_by_value>`_.
+    TensorFlow, [tf.clip_by_value](https://www.tensorflow.org/api_docs/python/tf/clip_by_value).
   """
   t = jnp.asarray(t)
   lo = jnp.asarray(clip_value_min).astype(t.dtype)
@@ -121,15 +120,14 @@ def clip_by_norm(
     TypeError: If `t` is not floating-point.
     ValueError: If `clip_norm` is not a scalar.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from jaxclip.compat import tf
     >>> tf.clip_by_norm(jnp.array([-2.0, 3.0, 6.0]), 5.0)  # norm 7: * 5 / 7
     Array([-1.4285715,  2.142857 ,  4.285714 ], dtype=float32)
 
   References:
-    TensorFlow, `tf.clip_by_norm
-    <https://www.tensorflow.org/api_docs/python/tf/clip_by_norm>`_.
+    TensorFlow, [tf.clip_by_norm](https://www.tensorflow.org/api_docs/python/tf/clip_by_norm).
   """
   values = _floating(t, "t")
   if np.isscalar(clip_norm):
@@ -194,15 +192,14 @@ def global_norm(t_list: Any) -> jax.Array:
   Raises:
     TypeError: If the tensors have different dtypes (TensorFlow raises too).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from jaxclip.compat import tf
     >>> tf.global_norm([jnp.array([3.0]), None, jnp.array([4.0])])
     Array(5., dtype=float32)
 
   References:
-    TensorFlow, `tf.linalg.global_norm
-    <https://www.tensorflow.org/api_docs/python/tf/linalg/global_norm>`_.
+    TensorFlow, [tf.linalg.global_norm](https://www.tensorflow.org/api_docs/python/tf/linalg/global_norm).
   """
   leaves = _base.inexact_leaves(t_list)
   dtype = _dtype_of_leaves(leaves)
@@ -245,7 +242,7 @@ def clip_by_global_norm(
   Raises:
     TypeError: If the tensors have different dtypes and `use_norm` is None.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from jaxclip.compat import tf
     >>> t = [jnp.array([-2.0, 3.0, 6.0]), jnp.array([-4.0, 6.0, 12.0])]
@@ -256,10 +253,9 @@ def clip_by_global_norm(
     Array([-1.852742 ,  2.7791128,  5.5582256], dtype=float32)
 
   References:
-    TensorFlow, `tf.clip_by_global_norm
-    <https://www.tensorflow.org/api_docs/python/tf/clip_by_global_norm>`_.
-    Pascanu et al., `On the difficulty of training recurrent neural networks
-    <https://arxiv.org/abs/1211.5063>`_, 2013.
+    TensorFlow, [tf.clip_by_global_norm](https://www.tensorflow.org/api_docs/python/tf/clip_by_global_norm).
+    Pascanu et al., [On the difficulty of training recurrent neural
+    networks](https://arxiv.org/abs/1211.5063), 2013.
   """
   norm = global_norm(t_list) if use_norm is None else jnp.asarray(use_norm)
   if not jnp.issubdtype(norm.dtype, jnp.floating):
@@ -286,7 +282,7 @@ def clip_by_value_transform(
   Returns:
     A stateless `optax.GradientTransformationExtraArgs`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from jaxclip.compat import tf
     >>> tx = tf.clip_by_value_transform(-1.0, 1.0)
@@ -294,8 +290,7 @@ def clip_by_value_transform(
     Array([-1. ,  0.5], dtype=float32)
 
   References:
-    TensorFlow, `tf.clip_by_value
-    <https://www.tensorflow.org/api_docs/python/tf/clip_by_value>`_.
+    TensorFlow, [tf.clip_by_value](https://www.tensorflow.org/api_docs/python/tf/clip_by_value).
   """
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -320,7 +315,7 @@ def clip_by_norm_transform(
   Returns:
     A stateless `optax.GradientTransformationExtraArgs`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> import optax
     >>> from jaxclip.compat import tf
@@ -332,8 +327,7 @@ def clip_by_norm_transform(
     >>> opt = optax.chain(tf.clip_by_norm_transform(1.0), optax.sgd(0.1))
 
   References:
-    TensorFlow, `tf.clip_by_norm
-    <https://www.tensorflow.org/api_docs/python/tf/clip_by_norm>`_.
+    TensorFlow, [tf.clip_by_norm](https://www.tensorflow.org/api_docs/python/tf/clip_by_norm).
   """
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -354,7 +348,7 @@ def clip_by_global_norm_transform(
   Returns:
     A stateless `optax.GradientTransformationExtraArgs`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> import optax
     >>> from jaxclip.compat import tf
@@ -365,8 +359,7 @@ def clip_by_global_norm_transform(
     (Array([-0.6], dtype=float32), Array([-0.8], dtype=float32))
 
   References:
-    TensorFlow, `tf.clip_by_global_norm
-    <https://www.tensorflow.org/api_docs/python/tf/clip_by_global_norm>`_.
+    TensorFlow, [tf.clip_by_global_norm](https://www.tensorflow.org/api_docs/python/tf/clip_by_global_norm).
   """
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -148,7 +148,7 @@ def get_total_norm(
       finite.
     ValueError: If `norm_type` is not a number or a numeric string.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from jaxclip.compat import torch
     >>> g = [jnp.array([3.0, 4.0]), None, jnp.array([12.0])]
@@ -158,8 +158,7 @@ def get_total_norm(
     Array(12., dtype=float32)
 
   References:
-    PyTorch, `torch.nn.utils.get_total_norm
-    <https://pytorch.org/docs/stable/generated/torch.nn.utils.get_total_norm.html>`_.
+    PyTorch, [torch.nn.utils.get_total_norm](https://pytorch.org/docs/stable/generated/torch.nn.utils.get_total_norm.html).
   """
   p = _norm_type(norm_type)
   leaves = _base.inexact_leaves(grads)
@@ -204,7 +203,7 @@ def clip_grads_with_norm(
   Returns:
     The gradients scaled, in the structure of `grads`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from jaxclip.compat import torch
     >>> g = {"w": jnp.array([3.0, 4.0])}
@@ -212,8 +211,7 @@ def clip_grads_with_norm(
     Array([0.5999999 , 0.79999983], dtype=float32)
 
   References:
-    PyTorch, `torch.nn.utils.clip_grads_with_norm_
-    <https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grads_with_norm_.html>`_.
+    PyTorch, [torch.nn.utils.clip_grads_with_norm_](https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grads_with_norm_.html).
   """
   total = jnp.asarray(total_norm)
   if not jnp.issubdtype(total.dtype, jnp.floating):
@@ -256,7 +254,7 @@ def clip_grad_norm(
   Raises:
     RuntimeError: If `error_if_nonfinite` and the concrete norm is not finite.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from jaxclip.compat import torch
     >>> clipped, norm = torch.clip_grad_norm([jnp.array([3.0, 4.0])], 10.0)
@@ -264,8 +262,7 @@ def clip_grad_norm(
     (Array([3., 4.], dtype=float32), Array(5., dtype=float32))
 
   References:
-    PyTorch, `torch.nn.utils.clip_grad_norm_
-    <https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_norm_.html>`_.
+    PyTorch, [torch.nn.utils.clip_grad_norm_](https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_norm_.html).
   """
   total = get_total_norm(grads, norm_type, error_if_nonfinite)
   return clip_grads_with_norm(grads, max_norm, total), total
@@ -285,15 +282,14 @@ def clip_grad_value(grads: Any, clip_value: jax.typing.ArrayLike) -> Any:
   Returns:
     The gradients clamped, in the structure of `grads`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from jaxclip.compat import torch
     >>> torch.clip_grad_value([jnp.array([-3.0, 0.5, 2.0])], 1.0)[0]
     Array([-1. ,  0.5,  1. ], dtype=float32)
 
   References:
-    PyTorch, `torch.nn.utils.clip_grad_value_
-    <https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_value_.html>`_.
+    PyTorch, [torch.nn.utils.clip_grad_value_](https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_value_.html).
   """
   if isinstance(clip_value, numbers.Real) and not isinstance(clip_value, bool):
     clip_value = float(clip_value)
@@ -326,7 +322,7 @@ def clip_grad_norm_transform(
   Raises:
     ValueError: If `norm_type` is not a number or a numeric string.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> import optax
     >>> from jaxclip.compat import torch
@@ -336,8 +332,7 @@ def clip_grad_norm_transform(
     Array([-0.5999999 , -0.79999983], dtype=float32)
 
   References:
-    PyTorch, `torch.nn.utils.clip_grad_norm_
-    <https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_norm_.html>`_.
+    PyTorch, [torch.nn.utils.clip_grad_norm_](https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_norm_.html).
   """
   _norm_type(norm_type)
 
@@ -359,7 +354,7 @@ def clip_grad_value_transform(
   Returns:
     A stateless `optax.GradientTransformationExtraArgs`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from jaxclip.compat import torch
     >>> tx = torch.clip_grad_value_transform(1.0)
@@ -367,8 +362,7 @@ def clip_grad_value_transform(
     Array([-1. ,  0.5], dtype=float32)
 
   References:
-    PyTorch, `torch.nn.utils.clip_grad_value_
-    <https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_value_.html>`_.
+    PyTorch, [torch.nn.utils.clip_grad_value_](https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_value_.html).
   """
 
   def update_fn(updates, state, params=None, **extra_args):
