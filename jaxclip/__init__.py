@@ -27,6 +27,12 @@ from jaxclip._norms import global_norm as global_norm
 from jaxclip._norms import unitwise_norm as unitwise_norm
 from jaxclip._per_example import per_example_global_norm_clip as per_example_global_norm_clip
 from jaxclip._per_example import per_example_layer_norm_clip as per_example_layer_norm_clip
+from jaxclip._plot import plot_norms as plot_norms
+from jaxclip._recorder import RecordNormsState as RecordNormsState
+from jaxclip._recorder import ThresholdSuggestion as ThresholdSuggestion
+from jaxclip._recorder import record_norms as record_norms
+from jaxclip._recorder import suggest_max_norm as suggest_max_norm
+from jaxclip._stats import stats as stats
 from jaxclip._zclip import ZClipState as ZClipState
 from jaxclip._zclip import zclip as zclip
 
@@ -39,8 +45,10 @@ __all__ = [
   "ClipByValueState",
   "PerTensorClipState",
   "QuantileClipState",
+  "RecordNormsState",
   "SkipNonFiniteState",
   "SkipOnSpikeState",
+  "ThresholdSuggestion",
   "ZClipState",
   "adagc",
   "adaptive_grad_clip",
@@ -53,9 +61,13 @@ __all__ = [
   "global_norm",
   "per_example_global_norm_clip",
   "per_example_layer_norm_clip",
+  "plot_norms",
   "quantile_clip",
+  "record_norms",
   "skip_nonfinite",
   "skip_on_spike",
+  "stats",
+  "suggest_max_norm",
   "unitwise_clip",
   "unitwise_norm",
   "zclip",

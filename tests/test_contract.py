@@ -59,6 +59,7 @@ TRANSFORMS = {
     False,
     ("window", "min_history"),
   ),
+  "record_norms": (lambda: jaxclip.record_norms(8), {"num_steps": 8}, False, ("num_steps",)),
   "skip_nonfinite": (
     lambda: jaxclip.skip_nonfinite(optax.identity(), max_consecutive=3),
     {"inner": optax.identity(), "max_consecutive": 3},
@@ -69,6 +70,9 @@ TRANSFORMS = {
 
 NOT_TRANSFORMS = {
   "global_norm",
+  "stats",
+  "suggest_max_norm",
+  "plot_norms",
   "unitwise_norm",
   "unitwise_clip",
   "per_example_global_norm_clip",

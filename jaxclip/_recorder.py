@@ -1,0 +1,365 @@
+"""Choosing a clipping threshold: record the norms of a real run, then suggest.
+
+`record_norms` is an identity transform that keeps the global and per-tensor
+gradient norms of the first steps in fixed-size arrays; `suggest_max_norm`
+turns them into a percentile-based `max_norm` for `clip_by_global_norm`, with
+the numbers behind it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from jaxclip import _base, _norms
+
+_REPORTED_PERCENTILES = (50.0, 90.0, 95.0, 99.0)
+_TABLE_PERCENTILES = (50.0, 75.0, 90.0, 95.0, 99.0, 100.0)
+
+
+class RecordNormsState(NamedTuple):
+  """State of `record_norms`: the norms of the first `num_steps` steps.
+
+  Rows past the number of recorded steps, ``min(count, num_steps)``, are 0.
+
+  Attributes:
+    count: Number of updates seen, recorded or not (int32).
+    global_norm: Shape ``(num_steps,)``: the global norm of the updates at
+      each recorded step (float32, float64 for float64 updates).
+    norms: Shape ``(num_steps, num_tensors)``: the norm of each floating leaf,
+      in `jax.tree.leaves` order (``num_tensors`` is 0 with
+      ``per_tensor=False``).
+  """
+
+  count: jax.Array
+  global_norm: jax.Array
+  norms: jax.Array
+
+
+def record_norms(
+  num_steps: int, *, per_tensor: bool = True
+) -> optax.GradientTransformationExtraArgs:
+  """Records the gradient norms of the first `num_steps` steps, unchanged.
+
+  An identity transform for choosing a clipping threshold from a real run:
+  put it first in the chain, train as usual, then pass the state to
+  `suggest_max_norm` (or `plot_norms`). It keeps the global norm and, with
+  `per_tensor`, the norm of every floating leaf, in arrays of fixed shapes
+  ``(num_steps,)`` and ``(num_steps, num_tensors)``: the state jits and
+  checkpoints like any other and never grows. After `num_steps` steps it only
+  counts; the norms are no longer computed.
+
+  Args:
+    num_steps: Number of steps to record (a Python int >= 1).
+    per_tensor: Whether to also record the norm of each tensor (used to find
+      the layers that dominate the global norm).
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a
+    `RecordNormsState`.
+
+  Raises:
+    TypeError: If `num_steps` is not an int.
+    ValueError: If `num_steps < 1`, or if the updates do not have the
+      floating leaves of the tree passed to `init`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import jaxclip
+    >>> opt = optax.chain(jaxclip.record_norms(num_steps=100), optax.sgd(0.1))
+    >>> params = {"b": jnp.zeros(2), "w": jnp.zeros(2)}
+    >>> state = opt.init(params)
+    >>> g = {"b": jnp.array([0.0, 1.0]), "w": jnp.array([3.0, 4.0])}
+    >>> _, state = opt.update(g, state, params)
+    >>> recorder = state[0]
+    >>> recorder.global_norm.shape, recorder.norms.shape
+    ((100,), (100, 2))
+    >>> recorder.norms[0]
+    Array([1., 5.], dtype=float32)
+  """
+  num_steps = _base.check_int(num_steps, "num_steps", 1)
+
+  def init_fn(params):
+    dtype = _base.record_dtype(params)
+    k = len(_base.inexact_leaves(params)) if per_tensor else 0
+    return RecordNormsState(
+      _base.zero_count(), jnp.zeros((num_steps,), dtype), jnp.zeros((num_steps, k), dtype)
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    if not isinstance(state, RecordNormsState):
+      return updates, state
+    leaves = _base.inexact_leaves(updates)
+    k = state.norms.shape[1]
+    if per_tensor and len(leaves) != k:
+      raise ValueError(
+        f"record_norms was initialised for {k} floating leaves but the updates"
+        f" have {len(leaves)}: call `init` with the parameters being trained."
+      )
+
+    def record(s):
+      dtype = s.global_norm.dtype
+      g = _norms.norm_of_leaves(leaves, 2.0).astype(dtype)
+      row = _norms.per_leaf_norms(_norms.Buckets(leaves), 2.0) if k else jnp.zeros((0,))
+      return s._replace(
+        global_norm=s.global_norm.at[s.count].set(g),
+        norms=s.norms.at[s.count].set(row.astype(dtype)),
+      )
+
+    state = lax.cond(state.count < num_steps, record, lambda s: s, state)
+    return updates, state._replace(count=state.count + 1)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdSuggestion:
+  """A proposed `max_norm` and the measurements behind it (plain Python data).
+
+  `str(suggestion)` (or `suggestion.explain()`) reads as a short report.
+
+  Attributes:
+    max_norm: The suggested threshold: `raw` rounded to two significant digits.
+    raw: The `percentile`-th percentile of the recorded finite global norms.
+    percentile: The percentile asked for.
+    num_steps: Number of finite recorded steps the suggestion rests on.
+    num_nonfinite: Recorded steps with an inf or NaN norm (left out).
+    percentiles: Global-norm summary: ``{"p50": ..., "p90": ..., "p95": ...,
+      "p99": ..., "max": ..., "mean": ...}``.
+    dominant: Up to five ``(tensor name, mean share)`` pairs, largest first:
+      the mean over steps of ``norm(tensor)**2 / global_norm**2``. Empty when
+      no per-tensor norms were recorded.
+    table: Rows ``(label, threshold, steps clipped, fraction clipped)`` for
+      thresholds at several percentiles and the suggestion itself: how often
+      each would have clipped the recorded steps (norm > threshold).
+    notes: Warnings about the data (drift, few steps, non-finite steps).
+    global_norm: The finite recorded global norms, in step order.
+  """
+
+  max_norm: float
+  raw: float
+  percentile: float
+  num_steps: int
+  num_nonfinite: int
+  percentiles: dict[str, float]
+  dominant: tuple[tuple[str, float], ...]
+  table: tuple[tuple[str, float, int, float], ...]
+  notes: tuple[str, ...]
+  global_norm: np.ndarray = dataclasses.field(repr=False)
+
+  def explain(self) -> str:
+    """A human-readable report of the suggestion and its reasoning."""
+    p = self.percentiles
+    lines = [
+      f"Suggested max_norm: {self.max_norm:.4g}  (the {self.percentile:g}th percentile of"
+      f" {self.num_steps} recorded global norms, {self.raw:.4g}, to 2 significant digits)",
+      "Global norm: "
+      + "  ".join(f"{k} {v:.4g}" for k, v in p.items() if k != "mean")
+      + f"  (mean {p['mean']:.4g})",
+    ]
+    if self.dominant:
+      lines.append("Tensors with the largest mean share of the squared global norm:")
+      width = max(len(n) for n, _ in self.dominant)
+      lines += [f"  {n:<{width}}  {100 * s:5.1f}%" for n, s in self.dominant]
+    lines.append("Recorded steps each threshold would have clipped:")
+    lines.append(f"  {'':<10}{'threshold':>11}{'steps':>13}{'fraction':>10}")
+    for label, thr, n, frac in self.table:
+      steps = f"{n}/{self.num_steps}"
+      lines.append(f"  {label:<10}{thr:>11.4g}{steps:>13}{100 * frac:>9.1f}%")
+    lines.append("Notes:")
+    lines += [f"  - {n}" for n in self.notes]
+    return "\n".join(lines)
+
+  def __str__(self) -> str:
+    return self.explain()
+
+
+def _recorded(obj: Any) -> tuple[np.ndarray, np.ndarray | None]:
+  """(global norms, per-tensor norms or None) from a state or arrays."""
+  if isinstance(obj, jax.Array | np.ndarray | list):
+    arr = np.asarray(obj, dtype=np.float64)
+    if arr.ndim == 1:
+      return arr, None
+    if arr.ndim == 2:
+      return np.asarray(_norms.norm_along(jnp.asarray(arr), 2.0, 1))[:, 0], arr
+    raise ValueError(
+      f"Expected recorded norms of shape (steps,) or (steps, tensors), got shape {arr.shape}."
+    )
+  if not isinstance(obj, RecordNormsState):
+    obj = _one_recorder(obj)
+  n = min(int(obj.count), obj.global_norm.shape[0])
+  per = np.asarray(obj.norms, np.float64)[:n]
+  return np.asarray(obj.global_norm, np.float64)[:n], per if per.shape[1] else None
+
+
+def _one_recorder(obj: Any) -> RecordNormsState:
+  from jaxclip import _stats  # _stats imports this module
+
+  state = _stats.as_optimizer_state(obj)
+  found = [f.record for f in _stats.find_records(state) if isinstance(f.record, RecordNormsState)]
+  if len(found) != 1:
+    raise ValueError(
+      f"Expected a RecordNormsState, an optimizer state holding exactly one, or"
+      f" an array of norms; found {len(found)} recorder(s) in a"
+      f" {type(obj).__name__}. Chain `jaxclip.record_norms(num_steps)` into the"
+      " optimizer, or pass the recorder's state itself."
+    )
+  return RecordNormsState(*(_stats._unwrap(f) for f in found[0]))
+
+
+def _round_sig(x: float, digits: int = 2) -> float:
+  if not np.isfinite(x) or x == 0:
+    return float(x)
+  return float(f"{x:.{digits}g}")
+
+
+def _drift_notes(g: np.ndarray) -> list[str]:
+  q = max(len(g) // 4, 1)
+  ratio = float(np.median(g[-q:]) / max(np.median(g[:q]), np.finfo(float).tiny))
+  if ratio < 0.5:
+    return [
+      f"The norm fell {1 / ratio:.1f}x from the first to the last quarter of the"
+      " recording: early-training norms are larger, so this threshold will clip"
+      " less often later. Record later steps for a tighter value."
+    ]
+  if ratio > 2:
+    return [
+      f"The norm grew {ratio:.1f}x from the first to the last quarter of the"
+      " recording: check the run is stable, and re-check the threshold later."
+    ]
+  return []
+
+
+def suggest_max_norm(
+  recorded: Any,
+  percentile: float = 90.0,
+  params: optax.Params | None = None,
+  *,
+  min_steps: int = 20,
+) -> ThresholdSuggestion:
+  """Proposes a `max_norm` for `clip_by_global_norm` from recorded norms.
+
+  The method: take the global gradient norms of a real, unclipped run
+  (`record_norms`), drop the non-finite ones, and suggest their
+  `percentile`-th percentile, rounded to two significant digits. With the
+  default 90, about one step in ten of the recorded window would have been
+  clipped: spikes are cut while typical steps pass untouched. The suggestion
+  comes with the percentiles of the norm, the tensors that dominate it, and a
+  table of how many recorded steps each candidate threshold would have
+  clipped.
+
+  Limits: norms are largest early in training and drift afterwards, so a
+  threshold from the first steps clips less and less (record a window that
+  looks like the run you will clip); the global norm of a model grows roughly
+  like the square root of its number of tensors, so thresholds do not transfer
+  between models; and the norm depends on the batch size, the loss scale and
+  the learning rate, so re-record after changing them.
+
+  Args:
+    recorded: A `RecordNormsState`; an optimizer state, Flax `TrainState` or
+      `nnx.Optimizer` holding exactly one; or an array of global norms
+      ``(steps,)`` or of per-tensor norms ``(steps, tensors)``.
+    percentile: The percentile of the global norms to suggest, in (0, 100].
+    params: Optional tree whose floating leaves name the tensors (as in
+      `stats`); without it tensors are named by index.
+    min_steps: The fewest finite recorded steps accepted.
+
+  Returns:
+    A `ThresholdSuggestion` of plain Python and NumPy values; print it for
+    the reasoning.
+
+  Raises:
+    ValueError: If fewer than `min_steps` finite steps were recorded, the
+      percentile is outside (0, 100], or `params` does not match the number of
+      recorded tensors.
+
+  Examples:
+    >>> import numpy as np
+    >>> import jaxclip
+    >>> norms = np.linspace(1.0, 2.0, 101)  # e.g. from jaxclip.record_norms
+    >>> s = jaxclip.suggest_max_norm(norms, percentile=90)
+    >>> s.max_norm, s.raw
+    (1.9, 1.9)
+    >>> s.table[-1]  # ('suggested', threshold, steps clipped, fraction)
+    ('suggested', 1.9, 10, 0.09900990099009901)
+  """
+  min_steps = _base.check_int(min_steps, "min_steps", 1)
+  if isinstance(percentile, bool) or not 0 < float(percentile) <= 100:
+    raise ValueError(
+      f"`percentile` must be in (0, 100], got {percentile!r}; 90 clips about one step in ten."
+    )
+  percentile = float(percentile)
+  g_all, per = _recorded(recorded)
+  finite = np.isfinite(g_all)
+  g = g_all[finite]
+  if g.size < min_steps:
+    raise ValueError(
+      f"Only {g.size} finite steps were recorded ({g_all.size - g.size} non-finite);"
+      f" suggest_max_norm needs at least min_steps={min_steps}. Train for more"
+      " steps with `record_norms(num_steps=...)` before asking, or lower `min_steps`."
+    )
+  raw = float(np.percentile(g, percentile))
+  max_norm = _round_sig(raw)
+  summary = {f"p{q:g}": float(np.percentile(g, q)) for q in _REPORTED_PERCENTILES}
+  summary.update(max=float(g.max()), mean=float(g.mean()))
+  rows = [(f"p{q:g}" if q < 100 else "max", float(np.percentile(g, q))) for q in _TABLE_PERCENTILES]
+  rows.append(("suggested", max_norm))
+  table = tuple((lab, thr, int(np.sum(g > thr)), float(np.mean(g > thr))) for lab, thr in rows)
+  return ThresholdSuggestion(
+    max_norm=max_norm,
+    raw=raw,
+    percentile=percentile,
+    num_steps=int(g.size),
+    num_nonfinite=int(g_all.size - g.size),
+    percentiles=summary,
+    dominant=_dominant(g_all, per, finite, params),
+    table=table,
+    notes=tuple(_notes(g, g_all.size - g.size, percentile)),
+    global_norm=g,
+  )
+
+
+def _dominant(g, per, finite, params) -> tuple[tuple[str, float], ...]:
+  if per is None:
+    return ()
+  from jaxclip import _stats  # _stats imports this module
+
+  names = [f"tensor {i}" for i in range(per.shape[1])]
+  if params is not None:
+    names = _stats.tensor_names(params)
+    if len(names) != per.shape[1]:
+      raise ValueError(
+        f"`params` has {len(names)} floating leaves but {per.shape[1]} tensors"
+        " were recorded; pass the tree given to `init`."
+      )
+  ok = finite & np.all(np.isfinite(per), axis=1) & (g > 0)
+  if not ok.any():
+    return ()
+  share = np.mean(per[ok] ** 2 / g[ok, None] ** 2, axis=0)
+  order = np.argsort(-share, kind="stable")[:5]
+  return tuple((names[i], float(share[i])) for i in order)
+
+
+def _notes(g: np.ndarray, nonfinite: int, percentile: float) -> list[str]:
+  notes = _drift_notes(g)
+  tail = g.size * (100 - percentile) / 100
+  if percentile < 100 and tail < 5:
+    notes.append(
+      f"Only ~{tail:.1f} of {g.size} steps lie above the {percentile:g}th"
+      " percentile: record more steps for a stable estimate."
+    )
+  if nonfinite:
+    notes.append(f"{nonfinite} recorded steps had inf/NaN norms and were left out.")
+  notes.append(
+    "The global norm grows roughly like sqrt(number of tensors) and depends on"
+    " batch size, loss scale and learning rate: re-check after changing them."
+  )
+  return notes

@@ -1,0 +1,351 @@
+"""Observability: the measurements of every jaxclip state as a flat dict.
+
+`stats` walks any optimizer state (optax chains and wrappers, jaxclip guards,
+a Flax `TrainState`, an `nnx.Optimizer`), finds the jaxclip records in it by
+type and returns their fields as scalar arrays under stable, readable keys.
+One registry, `_REGISTRY`, lists the record types and what each reports.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxclip import _norms
+from jaxclip._adaptive import AdaGCState, AutoClipState, QuantileClipState
+from jaxclip._clipping import ClipByGlobalNormState, ClipByValueState, PerTensorClipState
+from jaxclip._guards import SkipNonFiniteState, SkipOnSpikeState
+from jaxclip._recorder import RecordNormsState
+from jaxclip._zclip import ZClipState
+
+Scalars = dict[str, jax.Array]
+
+
+class _Spec(NamedTuple):
+  """How a record type is reported.
+
+  Attributes:
+    name: Short name, used to tell several records apart in keys.
+    scalars: Maps a record to its scalar entries (key suffix -> value).
+    vectors: Fields holding one entry per floating leaf, expanded per tensor
+      when `stats` is given `params`.
+  """
+
+  name: str
+  scalars: Callable[[Any], Scalars]
+  vectors: tuple[str, ...] = ()
+
+
+def _per_tensor_summary(norm: Any, scale: Any, clipped: Any) -> Scalars:
+  """Scalar summaries of per-tensor vectors (empty vectors included)."""
+  k = max(int(np.shape(norm)[0]), 1)
+  return {
+    "norm_max": jnp.max(norm, initial=0),
+    "scale_min": jnp.min(scale, initial=1),
+    "clipped": jnp.any(clipped),
+    "clipped_fraction": jnp.sum(clipped, dtype=jnp.float32) / k,
+  }
+
+
+def _threshold_min(threshold: Any) -> jax.Array:
+  return jnp.min(threshold, initial=math.inf).astype(threshold.dtype)
+
+
+_REGISTRY: dict[type, _Spec] = {
+  ClipByGlobalNormState: _Spec(
+    "clip_by_global_norm",
+    lambda s: {
+      "global_norm": s.norm,
+      "threshold": s.threshold,
+      "scale": s.scale,
+      "clipped": s.clipped,
+      "count": s.count,
+    },
+  ),
+  ClipByValueState: _Spec(
+    "clip_by_value",
+    lambda s: {
+      "max_abs": s.max_abs,
+      "clipped": s.clipped,
+      "clipped_fraction": s.clipped_fraction,
+      "count": s.count,
+    },
+  ),
+  PerTensorClipState: _Spec(
+    "per_tensor",
+    lambda s: {
+      **_per_tensor_summary(s.norm, s.scale, s.clipped),
+      "threshold": s.threshold,
+      "count": s.count,
+    },
+    ("norm", "scale", "clipped"),
+  ),
+  AutoClipState: _Spec(
+    "autoclip",
+    lambda s: {
+      "global_norm": s.norm,
+      "threshold": s.threshold,
+      "scale": s.scale,
+      "clipped": s.clipped,
+      "count": s.count,
+    },
+  ),
+  AdaGCState: _Spec(
+    "adagc",
+    lambda s: {
+      "global_norm": s.global_norm,
+      **_per_tensor_summary(s.norm, s.scale, s.clipped),
+      "threshold_min": _threshold_min(s.threshold),
+      "count": s.count,
+    },
+    ("norm", "scale", "clipped", "threshold"),
+  ),
+  QuantileClipState: _Spec(
+    "quantile_clip",
+    lambda s: {
+      "global_norm": s.norm,
+      "threshold": s.threshold,
+      "scale": s.scale,
+      "clipped": s.clipped,
+      "fraction_below": s.fraction,
+      "next_threshold": s.max_norm,
+      "count": s.count,
+    },
+  ),
+  ZClipState: _Spec(
+    "zclip",
+    lambda s: {
+      "global_norm": s.norm,
+      "threshold": s.threshold,
+      "scale": s.scale,
+      "clipped": s.clipped,
+      "spike": s.spike,
+      "zscore": s.zscore,
+      "norm_mean": s.mean,
+      "norm_std": jnp.sqrt(jnp.maximum(s.var, 0)),
+      "count": s.count,
+    },
+  ),
+  SkipOnSpikeState: _Spec(
+    "skip_on_spike",
+    lambda s: {
+      "global_norm": s.norm,
+      "loss": s.loss,
+      "skipped": s.skipped,
+      "total_skipped": s.total_skipped,
+      "count": s.count,
+    },
+  ),
+  SkipNonFiniteState: _Spec(
+    "skip_nonfinite",
+    lambda s: {
+      "nonfinite": ~s.last_finite,
+      "total_skipped": s.total_skipped,
+      "consecutive_skipped": s.consecutive_skipped,
+      "applied_nonfinite": s.applied_nonfinite,
+      "count": s.count,
+    },
+  ),
+  optax.ApplyIfFiniteState: _Spec(
+    "apply_if_finite",
+    lambda s: {
+      "skipped": ~s.last_finite,
+      "total_skipped": s.total_notfinite,
+      "consecutive_skipped": s.notfinite_count,
+    },
+  ),
+  RecordNormsState: _Spec(
+    "record_norms",
+    lambda s: {
+      "recorded": jnp.minimum(s.count, s.global_norm.shape[0]),
+      "count": s.count,
+    },
+  ),
+}
+
+_INJECT_TYPES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+# Fields of wrapper states that only hold the wrapped state: left out of keys.
+_TRANSPARENT = frozenset({"inner_state", "inner_states", "inner_opt_state", "opt_state"})
+
+
+def _unwrap(x: Any) -> Any:
+  """The array inside an `nnx.Variable` (as held by `nnx.Optimizer`), else x."""
+  get_value = getattr(x, "get_value", None)
+  if get_value is not None and not isinstance(x, jax.Array | np.ndarray):
+    return get_value()
+  return x
+
+
+def _key_part(entry: Any, keep_all: bool = False) -> str | None:
+  """One path entry as a key component (None: left out of the key)."""
+  if isinstance(entry, jax.tree_util.GetAttrKey):
+    return entry.name if keep_all or entry.name not in _TRANSPARENT else None
+  if isinstance(entry, jax.tree_util.DictKey):
+    return str(entry.key)
+  if isinstance(entry, jax.tree_util.SequenceKey):
+    return str(entry.idx)
+  if isinstance(entry, jax.tree_util.FlattenedIndexKey):
+    return str(entry.key)
+  return str(entry).strip(".[]'\"")
+
+
+def path_name(path: tuple[Any, ...], keep_all: bool = True) -> str:
+  """A key path as a slash-separated name: ``layer1/kernel``."""
+  parts = (_key_part(e, keep_all) for e in path)
+  return "/".join(p for p in parts if p is not None)
+
+
+def tensor_names(params: Any) -> list[str]:
+  """Names of the floating leaves of `params`, in `jax.tree.leaves` order."""
+  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)[0]
+  names = [path_name(p) or f"{i}" for i, (p, x) in enumerate(flat) if _norms.is_inexact(x)]
+  return names
+
+
+class _Found(NamedTuple):
+  path: tuple[Any, ...]
+  record: Any
+
+
+def _is_node(x: Any) -> bool:
+  return isinstance(x, tuple(_REGISTRY) + _INJECT_TYPES)
+
+
+def find_records(tree: Any, path: tuple[Any, ...] = ()) -> list[_Found]:
+  """Every registered record and inject-hyperparams state in `tree`."""
+  found = []
+  for sub, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_node)[0]:
+    if not _is_node(x):
+      continue
+    found.append(_Found(path + sub, x))
+    inner = getattr(x, "inner_state", None)
+    if inner is not None:
+      found.extend(find_records(inner, path + sub + (jax.tree_util.GetAttrKey("inner_state"),)))
+  return found
+
+
+def as_optimizer_state(obj: Any) -> Any:
+  """`obj.opt_state` for a Flax `TrainState` or `nnx.Optimizer`, else `obj`."""
+  if not isinstance(obj, tuple | list | dict) and hasattr(obj, "opt_state"):
+    return obj.opt_state
+  return obj
+
+
+def _name_of(record: Any) -> str:
+  if isinstance(record, _INJECT_TYPES):
+    return "inject_hyperparams"
+  return _REGISTRY[type(record)].name
+
+
+def _qualifiers(found: list[_Found]) -> list[str]:
+  """Deterministic, distinct key qualifiers for the records found."""
+  if len(found) == 1:
+    return [""]
+  names = [_name_of(f.record) for f in found]
+  quals = [
+    n if names.count(n) == 1 else "/".join(filter(None, (path_name(f.path, False), n)))
+    for f, n in zip(found, names)
+  ]
+  if len(set(quals)) < len(quals):  # wrappers of wrappers: spell out every field
+    quals = ["/".join(filter(None, (path_name(f.path), n))) for f, n in zip(found, names)]
+  return quals
+
+
+def _report(record: Any, names: list[str] | None) -> Scalars:
+  """The entries of one record (keys relative to its qualifier)."""
+  if isinstance(record, _INJECT_TYPES):
+    out = {}
+    for k, v in sorted(record.hyperparams.items()):
+      v = _unwrap(v)
+      if np.ndim(v) == 0 and np.issubdtype(jnp.asarray(v).dtype, np.number):
+        out[f"hyperparams/{k}"] = jnp.asarray(v)
+    return out
+  spec = _REGISTRY[type(record)]
+  record = type(record)(*(_unwrap(f) for f in record))
+  out = spec.scalars(record)
+  if names is not None:
+    for field in spec.vectors:
+      vec = getattr(record, field)
+      if vec.shape[0] != len(names):
+        raise ValueError(
+          f"`params` has {len(names)} floating leaves but a {type(record).__name__}"
+          f" in the optimizer state records {vec.shape[0]} tensors. Pass the"
+          " parameters the transform sees (for `optax.masked` or"
+          " `optax.partition`, the selected subtree), or params=None."
+        )
+      out.update({f"{field}/{n}": vec[i] for i, n in enumerate(names)})
+  return out
+
+
+def stats(opt_state: Any, prefix: str = "clip", params: optax.Params | None = None) -> Scalars:
+  """The measurements of every jaxclip transform in an optimizer state.
+
+  Finds, by type, every jaxclip state ("record") inside `opt_state`, through
+  `optax.chain`, `optax.inject_hyperparams`, `optax.masked`,
+  `optax.partition` / `optax.multi_transform`, `optax.MultiSteps`,
+  `optax.apply_if_finite` and the jaxclip guards, and returns its fields as a
+  flat dict of scalar arrays, ready for a logger. It only reads the state: it
+  works eagerly and inside `jax.jit` (values are arrays, never Python
+  numbers) and costs nothing beyond a few reductions of per-tensor vectors.
+
+  Keys are ``{prefix}/{field}`` when there is one record, such as
+  ``clip/global_norm``, ``clip/threshold``, ``clip/scale``,
+  ``clip/clipped`` and ``clip/count``. Per-tensor records
+  (`PerTensorClipState`, `AdaGCState`) are summarised as ``norm_max``,
+  ``scale_min``, ``clipped`` (any) and ``clipped_fraction``; with `params`,
+  each tensor is also reported as ``{prefix}/norm/layer1/kernel``,
+  ``.../scale/...``, ``.../clipped/...``. Guards report ``skipped`` and
+  ``total_skipped``; `optax.inject_hyperparams` states report their scalar
+  hyperparameters as ``{prefix}/hyperparams/learning_rate``.
+
+  With several records, each key gets a qualifier after the prefix: the
+  record's name (``clip_by_global_norm``, ``clip_by_value``, ``per_tensor``,
+  ``autoclip``, ``adagc``, ``quantile_clip``, ``zclip``, ``skip_on_spike``,
+  ``skip_nonfinite``, ``apply_if_finite``, ``record_norms``,
+  ``inject_hyperparams``) when no other record has the same name, otherwise
+  its path in the state followed by its name (chain indices and partition
+  labels; wrapper fields such as ``inner_state`` are left out), e.g.
+  ``clip/0/per_tensor/norm_max`` and ``clip/2/per_tensor/norm_max``. Keys
+  depend only on the structure of the optimizer, never on values, so they are
+  the same at every step.
+
+  Args:
+    opt_state: An optimizer state (any pytree holding optax states), a Flax
+      `TrainState` or an `nnx.Optimizer` (their `.opt_state` is read).
+    prefix: First component of every key.
+    params: Optional tree (parameters or gradients) whose floating leaves
+      name the entries of per-tensor records; it must have as many floating
+      leaves as the records have entries.
+
+  Returns:
+    A dict from key to scalar array, sorted by key; empty when the state holds
+    no jaxclip record.
+
+  Raises:
+    ValueError: If `params` does not have one floating leaf per entry of a
+      per-tensor record.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import jaxclip
+    >>> opt = optax.chain(jaxclip.clip_by_global_norm(1.0), optax.sgd(0.1))
+    >>> g = {"w": jnp.array([3.0, 4.0])}
+    >>> _, state = opt.update(g, opt.init(g), g)
+    >>> {k: float(v) for k, v in jaxclip.stats(state).items()}
+    {'clip/clipped': 1.0, 'clip/count': 1.0, 'clip/global_norm': 5.0, 'clip/scale': 0.2, 'clip/threshold': 1.0}
+  """
+  found = find_records(as_optimizer_state(opt_state))
+  names = None if params is None else tensor_names(params)
+  out: Scalars = {}
+  for qual, f in zip(_qualifiers(found), found):
+    base = "/".join(filter(None, (prefix, qual)))
+    for key, value in _report(f.record, names).items():
+      out[f"{base}/{key}"] = jnp.asarray(value)
+  return dict(sorted(out.items()))
