@@ -9,7 +9,12 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # name -> arguments of its fast mode (quickstart.py has a test of its own below)
-EXAMPLES: dict[str, list[str]] = {"spikes.py": ["--fast"]}
+EXAMPLES: dict[str, list[str]] = {
+  "spikes.py": ["--fast"],
+  "dp_sgd.py": ["--fast"],
+  "choose_threshold.py": ["--fast"],
+  "transformer_lm.py": ["--fast"],
+}
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
