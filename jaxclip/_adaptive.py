@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxclip import _base, _norms, _per_example
@@ -367,7 +368,7 @@ def quantile_clip(
   _base.check_threshold(learning_rate, "learning_rate")
   _base.check_threshold(initial_max_norm, "initial_max_norm")
   _base.check_threshold(count_noise_std, "count_noise_std")
-  noisy = not (_base.is_concrete(count_noise_std) and not jnp.any(jnp.asarray(count_noise_std)))
+  noisy = not (_base.is_concrete(count_noise_std) and not np.any(np.asarray(count_noise_std)))
   if noisy and not per_example and _base.is_concrete(count_noise_std):
     raise ValueError(
       f"`count_noise_std={count_noise_std!r}` needs `per_example=True`: noise on"

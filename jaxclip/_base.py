@@ -102,8 +102,8 @@ def check_range(value: Any, name: str, lo: float, hi: float, fix: str) -> None:
   check_threshold(value, name, allow_negative=True)
   if callable(value) or not is_concrete(value):
     return
-  v = jnp.asarray(value)
-  if bool(jnp.any((v < lo) | (v > hi))):
+  v = np.asarray(value)  # NumPy: this also runs while a jit traces the caller
+  if np.any((v < lo) | (v > hi)):
     raise ValueError(f"`{name}` must be in [{lo}, {hi}], got {value!r}. {fix}")
 
 

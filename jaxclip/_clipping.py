@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxclip import _base, _norms
@@ -118,7 +119,7 @@ def clip_by_value(
     and not callable(max_value)
     and _base.is_concrete(min_value)
     and _base.is_concrete(max_value)
-    and bool(jnp.any(jnp.asarray(min_value) > jnp.asarray(max_value)))
+    and np.any(np.asarray(min_value) > np.asarray(max_value))
   ):
     raise ValueError(
       f"`min_value` ({min_value!r}) must be <= `max_value` ({max_value!r}); swap them."

@@ -180,3 +180,17 @@ def test_zero_gradients_give_zero_updates(name):
   out, _ = jax.jit(tx.update)(g, tx.init(params), params if needs_params else None)
   for leaf in jax.tree.leaves(out):
     assert not bool(jnp.any(leaf != 0))
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_can_be_built_inside_jit(name):
+  # Factories called while a jit traces (e.g. an optimizer built in a step)
+  # validate their concrete arguments without converting tracers to bool.
+  make, _, needs_params, *_ = TRANSFORMS[name]
+
+  @jax.jit
+  def build_and_step(g):
+    tx = make()
+    return tx.update(g, tx.init(g), g if needs_params else None)[0]
+
+  build_and_step({"a": jnp.ones(3)})
