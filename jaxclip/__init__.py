@@ -19,6 +19,7 @@ from jaxclip._clipping import clip_by_block_rms as clip_by_block_rms
 from jaxclip._clipping import clip_by_global_norm as clip_by_global_norm
 from jaxclip._clipping import clip_by_norm as clip_by_norm
 from jaxclip._clipping import clip_by_value as clip_by_value
+from jaxclip._flax import TrainState as TrainState
 from jaxclip._guards import SkipNonFiniteState as SkipNonFiniteState
 from jaxclip._guards import SkipOnSpikeState as SkipOnSpikeState
 from jaxclip._guards import skip_nonfinite as skip_nonfinite
@@ -49,6 +50,7 @@ __all__ = [
   "SkipNonFiniteState",
   "SkipOnSpikeState",
   "ThresholdSuggestion",
+  "TrainState",
   "ZClipState",
   "adagc",
   "adaptive_grad_clip",

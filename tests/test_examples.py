@@ -14,6 +14,9 @@ EXAMPLES: dict[str, list[str]] = {
   "dp_sgd.py": ["--fast"],
   "choose_threshold.py": ["--fast"],
   "transformer_lm.py": ["--fast"],
+  "flax_linen_trainstate.py": ["--fast"],
+  "flax_nnx.py": ["--fast"],
+  "lstm_exploding.py": ["--fast"],
 }
 
 

@@ -1,0 +1,116 @@
+"""A Flax Linen MLP on scikit-learn's digits, with clipping and spike skipping.
+
+The optimizer is ``skip_on_spike(chain(clip_by_global_norm(1.0), adamw))``,
+held by `jaxclip.TrainState` (Flax's `TrainState` whose `apply_gradients`
+passes ``loss=`` on to the optimizer, which `skip_on_spike` watches). One
+batch two thirds into training is corrupted (inputs times 100) to show a
+step being skipped. The statistics printed are read from
+``state.opt_state``: nothing else is logged during training.
+
+  python examples/flax_linen_trainstate.py          # 30 epochs, a few seconds
+  python examples/flax_linen_trainstate.py --fast   # 6 epochs, for CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from sklearn.datasets import load_digits
+from tqdm import tqdm
+
+import jaxclip
+from jaxclip._flax import TrainState  # jaxclip.TrainState once exported
+
+BATCH = 64
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(128)(x))
+    return nn.Dense(10)(x)
+
+
+def load():
+  digits = load_digits()
+  x = (digits.data / 16.0).astype(np.float32)
+  order = np.random.default_rng(0).permutation(len(x))
+  x, y = x[order], digits.target[order]
+  split = int(0.8 * len(x))
+  return (x[:split], y[:split]), (x[split:], y[split:])
+
+
+@jax.jit
+def train_step(state: TrainState, x, y):
+  def loss_fn(params):
+    logits = state.apply_fn({"params": params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  return state.apply_gradients(grads=grads, loss=loss), loss
+
+
+@jax.jit
+def accuracy(state: TrainState, x, y):
+  return jnp.mean(jnp.argmax(state.apply_fn({"params": state.params}, x), -1) == y)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--fast", action="store_true", help="6 epochs (CI)")
+  args = parser.parse_args()
+  epochs = 6 if args.fast else 30
+  start = time.perf_counter()
+  (x_train, y_train), (x_test, y_test) = load()
+  steps_per_epoch = len(x_train) // BATCH
+  corrupt_at = 2 * epochs * steps_per_epoch // 3
+
+  model = MLP()
+  tx = jaxclip.skip_on_spike(
+    optax.chain(jaxclip.clip_by_global_norm(1.0), optax.adamw(3e-3, weight_decay=1e-4)),
+    window=64,
+    min_history=32,
+  )
+  params = model.init(jax.random.key(0), x_train[:1])["params"]
+  state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+  rng = np.random.default_rng(1)
+  norms, clipped, skipped_steps = [], [], []
+  for _ in tqdm(range(epochs), desc="epochs", leave=False):
+    order = rng.permutation(len(x_train))
+    for i in range(steps_per_epoch):
+      idx = order[i * BATCH : (i + 1) * BATCH]
+      x = x_train[idx] * (100.0 if int(state.step) == corrupt_at else 1.0)
+      state, loss = train_step(state, x, y_train[idx])
+      guard = state.opt_state  # SkipOnSpikeState
+      clip_state = guard.inner_state[0]  # ClipByGlobalNormState
+      norms.append(float(guard.norm))
+      clipped.append(bool(clip_state.clipped) and not bool(guard.skipped))
+      if guard.skipped:
+        skipped_steps.append(int(state.step) - 1)
+
+  guard = state.opt_state
+  norms = np.array(norms)
+  print(f"digits: {len(x_train)} train / {len(x_test)} test images, {epochs} epochs")
+  print(f"test accuracy: {float(accuracy(state, x_test, y_test)):.2%}")
+  print(
+    f"steps: {int(state.step)}; gradient norm median {np.median(norms):.3f},"
+    f" max {norms.max():.3g} (step {int(norms.argmax())})"
+  )
+  print(f"clipped by clip_by_global_norm(1.0): {sum(clipped)} steps ({np.mean(clipped):.1%})")
+  print(
+    f"skipped by skip_on_spike: {int(guard.total_skipped)} step(s) {skipped_steps}"
+    f" (the corrupted batch was step {corrupt_at})"
+  )
+  print(f"last loss seen by skip_on_spike: {float(guard.loss):.4f}")
+  print(f"({time.perf_counter() - start:.1f} s)")
+
+
+if __name__ == "__main__":
+  main()
