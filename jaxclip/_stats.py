@@ -57,14 +57,16 @@ def _threshold_min(threshold: Any) -> jax.Array:
   return jnp.min(threshold, initial=math.inf).astype(threshold.dtype)
 
 
+def _global_clip(s: Any) -> dict[str, jax.Array]:
+  """The fields every global-norm clipper records."""
+  return {"global_norm": s.norm, "threshold": s.threshold, "scale": s.scale, "clipped": s.clipped}
+
+
 _REGISTRY: dict[type, _Spec] = {
   ClipByGlobalNormState: _Spec(
     "clip_by_global_norm",
     lambda s: {
-      "global_norm": s.norm,
-      "threshold": s.threshold,
-      "scale": s.scale,
-      "clipped": s.clipped,
+      **_global_clip(s),
       "count": s.count,
     },
   ),
@@ -89,10 +91,7 @@ _REGISTRY: dict[type, _Spec] = {
   AutoClipState: _Spec(
     "autoclip",
     lambda s: {
-      "global_norm": s.norm,
-      "threshold": s.threshold,
-      "scale": s.scale,
-      "clipped": s.clipped,
+      **_global_clip(s),
       "count": s.count,
     },
   ),
@@ -109,10 +108,7 @@ _REGISTRY: dict[type, _Spec] = {
   QuantileClipState: _Spec(
     "quantile_clip",
     lambda s: {
-      "global_norm": s.norm,
-      "threshold": s.threshold,
-      "scale": s.scale,
-      "clipped": s.clipped,
+      **_global_clip(s),
       "fraction_below": s.fraction,
       "next_threshold": s.max_norm,
       "count": s.count,
@@ -121,10 +117,7 @@ _REGISTRY: dict[type, _Spec] = {
   ZClipState: _Spec(
     "zclip",
     lambda s: {
-      "global_norm": s.norm,
-      "threshold": s.threshold,
-      "scale": s.scale,
-      "clipped": s.clipped,
+      **_global_clip(s),
       "spike": s.spike,
       "zscore": s.zscore,
       "norm_mean": s.mean,
