@@ -138,6 +138,7 @@ def autoclip(
     )  # fmt: skip
 
   def update_fn(updates, state, params=None, **extra_args):
+    _base.expect_state(state, AutoClipState, "autoclip")
     del params, extra_args
     norm = _global_norm(updates)
     history, filled, position = push(
@@ -232,7 +233,7 @@ def adagc(
     Wang et al., [AdaGC: Improving Training Stability for Large Language Model
     Pretraining](https://arxiv.org/abs/2502.11034), 2025.
   """
-  _base.check_threshold(relative, "relative")
+  _base.check_threshold(relative, "relative", allow_schedule=False)
   _base.check_threshold(warmup_max_norm, "warmup_max_norm")
   _base.check_range(beta, "beta", 0.0, 1.0, "Typical values are 0.98 to 0.99.")
   warmup = _base.check_int(warmup_steps, "warmup_steps", 1)
@@ -252,6 +253,7 @@ def adagc(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
+    _base.expect_state(state, AdaGCState, "adagc")
     del params, extra_args
     dtype = _base.record_dtype(updates)
     buckets = _norms.Buckets(_base.inexact_leaves(updates))
@@ -268,7 +270,7 @@ def adagc(
     clipped_norms = norms * scale
     b = jnp.asarray(beta, dtype)
     ema = jnp.where(
-      in_warmup,
+      in_warmup | ~jnp.isfinite(state.ema),  # a tensor with no finite norm yet starts here
       jnp.minimum(state.ema, clipped_norms),
       b * state.ema + (1 - b) * clipped_norms,
     )
@@ -365,9 +367,9 @@ def quantile_clip(
     Clipping](https://arxiv.org/abs/1905.03871), 2021.
   """
   _base.check_range(target_quantile, "target_quantile", 0.0, 1.0, "Use 0.5 for the median.")
-  _base.check_threshold(learning_rate, "learning_rate")
-  _base.check_threshold(initial_max_norm, "initial_max_norm")
-  _base.check_threshold(count_noise_std, "count_noise_std")
+  _base.check_threshold(learning_rate, "learning_rate", allow_schedule=False)
+  _base.check_threshold(initial_max_norm, "initial_max_norm", allow_schedule=False)
+  _base.check_threshold(count_noise_std, "count_noise_std", allow_schedule=False)
   noisy = not (_base.is_concrete(count_noise_std) and not np.any(np.asarray(count_noise_std)))
   if noisy and not per_example and _base.is_concrete(count_noise_std):
     raise ValueError(
@@ -392,12 +394,12 @@ def quantile_clip(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
+    _base.expect_state(state, QuantileClipState, "quantile_clip")
     del params
     c = state.max_norm
     if per_example:
       leaves = _per_example._check_batched(updates, "quantile_clip(per_example=True)")
-      floats = [x for x in leaves if _norms.is_inexact(x)]
-      norms = _norms.norm_of_leaves(floats, 2.0, batch_ndim=1).astype(c.dtype)
+      norms = _per_example.example_norms(leaves).astype(c.dtype)
       scales, clipped = _base.clip_scale(norms, c)
       treedef = jax.tree.structure(updates)
       updates = treedef.unflatten([_per_example._weighted_sum(scales, g) for g in leaves])

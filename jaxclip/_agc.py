@@ -101,10 +101,17 @@ def adaptive_grad_clip(
     Normalization](https://arxiv.org/abs/2102.06171), 2021.
   """
   _base.check_threshold(clipping, "clipping")
-  _base.check_threshold(eps, "eps")
+  _base.check_threshold(eps, "eps", allow_schedule=False)
   axis = _base.check_axis(axis)
 
   def measure(buckets, param_leaves):
+    shapes = [x.shape for x in buckets.leaves], [w.shape for w in param_leaves]
+    if shapes[0] != shapes[1]:
+      raise ValueError(
+        "adaptive_grad_clip needs `params` with the same floating leaves as the"
+        f" updates; got update shapes {shapes[0]} and parameter shapes"
+        f" {shapes[1]}. Pass the parameters the updates are for."
+      )
     ratios = []
     for g, w in zip(buckets.leaves, param_leaves):
       axes = _norms.unitwise_axes(g, axis)

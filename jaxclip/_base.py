@@ -25,12 +25,19 @@ def is_concrete(value: object) -> bool:
   return not isinstance(value, jax.core.Tracer)
 
 
-def check_threshold(value: Threshold, name: str, *, allow_negative: bool = False) -> None:
+def check_threshold(
+  value: Threshold, name: str, *, allow_negative: bool = False, allow_schedule: bool = True
+) -> None:
   """Raises a ValueError for a concrete NaN (or negative) threshold.
 
   Schedules and traced values are not checked: their values are only known
-  inside the step.
+  inside the step. With ``allow_schedule=False`` a callable is a TypeError.
   """
+  if callable(value) and not allow_schedule:
+    raise TypeError(
+      f"`{name}` must be a number or an array, got the callable {value!r}:"
+      " this argument does not take a schedule."
+    )
   if callable(value) or not is_concrete(value):
     return
   if isinstance(value, bool):
@@ -99,8 +106,8 @@ def check_int(value: Any, name: str, minimum: int) -> int:
 
 def check_range(value: Any, name: str, lo: float, hi: float, fix: str) -> None:
   """Raises a ValueError if a concrete `value` is outside ``[lo, hi]``."""
-  check_threshold(value, name, allow_negative=True)
-  if callable(value) or not is_concrete(value):
+  check_threshold(value, name, allow_negative=True, allow_schedule=False)
+  if not is_concrete(value):
     return
   v = np.asarray(value)  # NumPy: this also runs while a jit traces the caller
   if np.any((v < lo) | (v > hi)):
@@ -177,6 +184,20 @@ def step_count(state: Any, state_type: type, thresholds: dict[str, Any]) -> jax.
         " that state to `update`."
       )
   return zero_count()
+
+
+def expect_state(state: Any, state_type: type, transform: str) -> None:
+  """Raises a TypeError unless `state` is `transform`'s own state.
+
+  Transforms that learn from past steps cannot run from the state of a
+  stateless transform (`optax.EmptyState()`, `None`).
+  """
+  if not isinstance(state, state_type):
+    raise TypeError(
+      f"`{transform}` keeps statistics across steps and needs its own state, a"
+      f" {state_type.__name__}; got {type(state).__name__}. Call"
+      " `state = tx.init(params)` and pass that state to `update`."
+    )
 
 
 def next_state(old: Any, state_type: type, new: Any) -> Any:

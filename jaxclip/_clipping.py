@@ -139,7 +139,9 @@ def clip_by_value(
     lo = _base.resolve(min_value, count, dtype)
     hi = _base.resolve(max_value, count, dtype)
     leaves = _base.inexact_leaves(updates)
-    outside = [((x < lo) | (x > hi)).astype(jnp.float32) for x in leaves]
+    outside = [
+      ((x < lo.astype(x.dtype)) | (x > hi.astype(x.dtype))).astype(jnp.float32) for x in leaves
+    ]
     n_out = _norms.norm_of_leaves(outside, 1.0)
     size = sum(x.size for x in leaves)
     new_state = ClipByValueState(

@@ -134,7 +134,7 @@ def skip_on_spike(
       f"`min_history` ({min_history}) must be <= `window` ({window}): the"
       " window never holds more values. Lower `min_history` or widen `window`."
     )
-  _base.check_threshold(n_sigma, "n_sigma")
+  _base.check_threshold(n_sigma, "n_sigma", allow_schedule=False)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -147,6 +147,7 @@ def skip_on_spike(
     )  # fmt: skip
 
   def update_fn(updates, state, params=None, **extra_args):
+    _base.expect_state(state, SkipOnSpikeState, "skip_on_spike")
     dtype = state.norm_history.dtype
     norm = _norms.norm_of_leaves(_base.inexact_leaves(updates), 2.0).astype(dtype)
     has_loss = extra_args.get("loss") is not None
@@ -243,6 +244,7 @@ def skip_nonfinite(
     return SkipNonFiniteState(zero, zero, zero, jnp.ones([], bool), zero, inner.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
+    _base.expect_state(state, SkipNonFiniteState, "skip_nonfinite")
     # The global norm is finite exactly when every entry is (short of a norm
     # beyond the float range), and it is the very computation a clipper in
     # `inner` makes, so XLA computes it once for both.

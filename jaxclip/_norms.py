@@ -216,9 +216,16 @@ def _all_reduce(s: jax.Array, p: float, axis_name: str | None) -> jax.Array:
 
 
 def _needs_rescaling(s: jax.Array) -> jax.Array:
-  """Whether a power sum overflowed, is NaN or lost precision to underflow."""
+  """Whether a power sum overflowed, is NaN or lost precision to underflow.
+
+  For a vector of per-leaf sums, an entry that is subnormal counts, and so
+  does an all-zero vector; an entry that underflowed to exactly 0 next to
+  normal ones does not (telling it from a zero leaf would need a second pass
+  at every step).
+  """
   tiny = jnp.finfo(s.dtype).tiny
-  return jnp.any(~jnp.isfinite(s)) | (jnp.sum(s) < tiny)
+  subnormal = (s > 0) & (s < tiny)
+  return jnp.any(~jnp.isfinite(s) | subnormal) | (jnp.sum(s) < tiny)
 
 
 def _norm(power_sum, p: float) -> jax.Array:

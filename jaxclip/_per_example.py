@@ -28,17 +28,28 @@ def _check_batched(grads: Any, fn: str) -> list[jax.Array]:
 
 
 def _weighted_sum(multipliers: jax.Array, g: jax.Array) -> jax.Array:
-  """sum_i multipliers[i] * g[i], accumulated in float32; float dtypes kept."""
-  acc = _norms.accumulation_dtype(g.dtype) if _norms.is_inexact(g) else multipliers.dtype
+  """sum_i multipliers[i] * g[i], accumulated in float32 (complex64 for
+  complex gradients); floating and complex dtypes are kept."""
+  if not _norms.is_inexact(g):  # integer gradients sum as numbers, as in optax
+    return jnp.tensordot(multipliers, g.astype(multipliers.dtype), axes=1)
+  acc = jnp.result_type(g.dtype, _norms.accumulation_dtype(g.dtype))
   total = jnp.tensordot(multipliers.astype(acc), g.astype(acc), axes=1)
-  return total.astype(g.dtype) if _norms.is_inexact(g) else total
+  return total.astype(g.dtype)
+
+
+def example_norms(leaves: list[jax.Array]) -> jax.Array:
+  """The L2 norm of each example's gradient over all leaves (batch on axis 0).
+
+  Integer leaves count as numbers here, as in optax's per-example functions.
+  """
+  floats = [x if _norms.is_inexact(x) else x.astype(jnp.float32) for x in leaves]
+  return _norms.norm_of_leaves(floats, 2.0, batch_ndim=1)
 
 
 def _clip_examples(
   leaves: list[jax.Array], l2_norm_clip: jax.typing.ArrayLike
 ) -> tuple[list[jax.Array], jax.Array]:
-  floats = [x if _norms.is_inexact(x) else x.astype(jnp.float32) for x in leaves]
-  norms = _norms.norm_of_leaves(floats, 2.0, batch_ndim=1)
+  norms = example_norms(leaves)
   scale, clipped = _base.clip_scale(norms, jnp.asarray(l2_norm_clip, norms.dtype))
   return [_weighted_sum(scale, g) for g in leaves], jnp.sum(clipped, dtype=jnp.int32)
 

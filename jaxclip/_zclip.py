@@ -127,9 +127,9 @@ def zclip(
     Pre-Training](https://arxiv.org/abs/2504.02507), 2025.
   """
   _base.check_range(alpha, "alpha", 0.0, 1.0, "The paper uses 0.97.")
-  _base.check_threshold(z_thresh, "z_thresh")
-  _base.check_threshold(clip_factor, "clip_factor")
-  _base.check_threshold(eps, "eps")
+  _base.check_threshold(z_thresh, "z_thresh", allow_schedule=False)
+  _base.check_threshold(clip_factor, "clip_factor", allow_schedule=False)
+  _base.check_threshold(eps, "eps", allow_schedule=False)
   if max_norm is not None:
     _base.check_threshold(max_norm, "max_norm")
   warmup = _base.check_int(warmup_steps, "warmup_steps", 1)
@@ -159,6 +159,7 @@ def zclip(
     return bound, z > zt, z
 
   def update_fn(updates, state, params=None, **extra_args):
+    _base.expect_state(state, ZClipState, "zclip")
     del params, extra_args
     norm = _adaptive._global_norm(updates)
     dtype = norm.dtype

@@ -416,3 +416,21 @@ def test_bad_types_raise_type_error(make):
 
 def test_percentile_mode_ignores_clip_option():
   zclip(mode="percentile", clip_option="whatever")
+
+
+def test_adagc_recovers_from_a_tensor_with_no_finite_norm_in_warmup():
+  tx = adagc(relative=1.0, warmup_steps=1, warmup_max_norm=10.0)
+  state = tx.init({"a": jnp.ones(2)})
+  _, state = tx.update({"a": jnp.array([jnp.nan, 1.0])}, state)  # warmup: non-finite
+  _, state = tx.update({"a": jnp.array([3.0, 4.0])}, state)  # first finite norm
+  assert np.isfinite(float(state.ema[0]))
+  out, state = tx.update({"a": jnp.array([30.0, 40.0])}, state)
+  assert bool(state.clipped[0]) and float(jnp.linalg.norm(out["a"])) < 50.0
+
+
+@pytest.mark.parametrize(
+  "make", [lambda: autoclip(), lambda: zclip(), lambda: adagc(), lambda: quantile_clip()]
+)
+def test_stateful_transforms_reject_a_foreign_state(make):
+  with pytest.raises(TypeError, match="needs its own state"):
+    make().update({"a": jnp.ones(2)}, optax.EmptyState())

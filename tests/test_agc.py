@@ -66,3 +66,15 @@ def test_unitwise_clip_matches_optax_and_checks_shapes():
   )
   with pytest.raises(ValueError, match="shape"):
     jaxclip.unitwise_clip(n[:1], m, g)
+
+
+def test_params_must_match_updates():
+  p = jnp.ones((2, 2))
+  tx = jaxclip.adaptive_grad_clip(0.1)
+  with pytest.raises(ValueError, match="same floating leaves"):
+    tx.update({"a": p, "b": p}, tx.init({"a": p}), {"a": p})
+
+
+def test_eps_is_not_a_schedule():
+  with pytest.raises(TypeError, match="schedule"):
+    jaxclip.adaptive_grad_clip(0.1, eps=lambda step: 1e-3)

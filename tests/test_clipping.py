@@ -222,3 +222,11 @@ class TestClipByBlockRMS:
   def test_zero_update_zero_threshold(self):
     out, _ = _update(jaxclip.clip_by_block_rms(0.0), jnp.zeros(3))
     np.testing.assert_array_equal(out, np.zeros(3))
+
+
+def test_clip_by_value_counts_in_the_leaf_dtype():
+  x = jnp.array([0.1, 0.05], jnp.bfloat16)  # 0.1 in bf16 is the bf16 bound itself
+  tx = jaxclip.clip_by_value(-0.1, 0.1)
+  out, state = tx.update(x, tx.init(x))
+  np.testing.assert_array_equal(out, x)
+  assert not bool(state.clipped) and float(state.clipped_fraction) == 0.0

@@ -56,3 +56,18 @@ def test_missing_batch_axis():
 def test_negative_clip():
   with pytest.raises(ValueError, match="l2_norm_clip"):
     jaxclip.per_example_global_norm_clip(_grads(), -1.0)
+
+
+def test_complex_gradients_keep_their_imaginary_part():
+  g = [jnp.array([[1 + 2j, 0j], [3 + 4j, 0j]], jnp.complex64)]
+  (s,), n = jaxclip.per_example_global_norm_clip(g, 100.0)
+  np.testing.assert_allclose(s, [4 + 6j, 0j])
+  assert s.dtype == jnp.complex64 and int(n) == 0
+
+
+def test_quantile_clip_per_example_uses_the_same_norms():
+  g = {"w": jnp.array([[3.0], [0.0]]), "i": jnp.array([[4], [0]], jnp.int32)}
+  ours, _ = jaxclip.per_example_global_norm_clip(g, 1.0)
+  tx = jaxclip.quantile_clip(initial_max_norm=1.0, per_example=True)
+  theirs, _ = tx.update(g, tx.init(g))
+  jax.tree.map(np.testing.assert_allclose, ours, theirs)
