@@ -8,7 +8,7 @@ lives in `jaxclip._zclip`. Every state is a NamedTuple of fixed-shape arrays.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,11 +51,6 @@ def window_percentile(history: jax.Array, filled: jax.Array, q: jax.Array) -> ja
   a, b = ordered[lo], ordered[hi]
   value = a + (b - a) * (pos - lo.astype(history.dtype))
   return jnp.where(filled > 0, value, jnp.inf)
-
-
-def _global_norm(updates: Any) -> jax.Array:
-  norm = _norms.norm_of_leaves(_base.inexact_leaves(updates), 2.0)
-  return norm.astype(_base.record_dtype(updates))
 
 
 class AutoClipState(NamedTuple):
@@ -140,7 +135,7 @@ def autoclip(
   def update_fn(updates, state, params=None, **extra_args):
     _base.expect_state(state, AutoClipState, "autoclip")
     del params, extra_args
-    norm = _global_norm(updates)
+    norm = _norms.global_norm(updates)
     history, filled, position = push(
       state.history, state.filled, state.position, norm, jnp.isfinite(norm)
     )
@@ -416,7 +411,7 @@ def quantile_clip(
       keep_c = jnp.asarray(False)
     else:
       key = state.key
-      norm = _global_norm(updates).astype(c.dtype)
+      norm = _norms.global_norm(updates).astype(c.dtype)
       scale, clipped = _base.clip_scale(norm, c)
       updates = _base.map_inexact(lambda x: _base.scale_leaf(x, scale), updates)
       fraction = (norm <= c).astype(c.dtype)

@@ -149,7 +149,7 @@ def skip_on_spike(
   def update_fn(updates, state, params=None, **extra_args):
     _base.expect_state(state, SkipOnSpikeState, "skip_on_spike")
     dtype = state.norm_history.dtype
-    norm = _norms.norm_of_leaves(_base.inexact_leaves(updates), 2.0).astype(dtype)
+    norm = _norms.global_norm(updates).astype(dtype)
     has_loss = extra_args.get("loss") is not None
     loss = jnp.asarray(extra_args["loss"], dtype) if has_loss else jnp.full([], jnp.nan, dtype)
     finite = jnp.isfinite(norm) & (jnp.isfinite(loss) | (not has_loss))
@@ -248,7 +248,7 @@ def skip_nonfinite(
     # The global norm is finite exactly when every entry is (short of a norm
     # beyond the float range), and it is the very computation a clipper in
     # `inner` makes, so XLA computes it once for both.
-    finite = jnp.isfinite(_norms.norm_of_leaves(_base.inexact_leaves(updates), 2.0))
+    finite = jnp.isfinite(_norms.global_norm(updates))
     run = jnp.where(finite, 0, state.consecutive_skipped + 1)
     give_up = ~finite & (False if max_consecutive is None else run > max_consecutive)
     skip = ~finite & ~give_up

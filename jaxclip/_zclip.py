@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxclip import _adaptive, _base
+from jaxclip import _base, _norms
 
 __all__ = ["ZClipState", "zclip"]
 
@@ -161,7 +161,7 @@ def zclip(
   def update_fn(updates, state, params=None, **extra_args):
     _base.expect_state(state, ZClipState, "zclip")
     del params, extra_args
-    norm = _adaptive._global_norm(updates)
+    norm = _norms.global_norm(updates)
     dtype = norm.dtype
     finite = jnp.isfinite(norm)
     cap = jnp.inf if max_norm is None else max_norm
