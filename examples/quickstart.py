@@ -17,6 +17,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 import optax
+from tqdm import tqdm
 
 import jaxclip
 
@@ -59,11 +60,11 @@ def make_train_step(tx):
   return step
 
 
-def train(tx, steps, seed=0):
+def train(tx, steps, desc, seed=0):
   params = init_params(jax.random.key(seed))
   state, step = tx.init(params), make_train_step(tx)
   history = []
-  for i in range(steps):
+  for i in tqdm(range(steps), desc=desc, leave=False):
     params, state, loss, grad_norm = step(params, state, jax.random.key(1000 + i))
     history.append((float(loss), float(grad_norm)))
   return history
@@ -77,8 +78,12 @@ def main() -> None:
   steps = 40 if args.fast else args.steps
 
   lr = 0.1
-  plain = train(optax.sgd(lr, momentum=0.9), steps)
-  clipped = train(optax.chain(jaxclip.clip_by_global_norm(1.0), optax.sgd(lr, momentum=0.9)), steps)
+  plain = train(optax.sgd(lr, momentum=0.9), steps, "no clipping")
+  clipped = train(
+    optax.chain(jaxclip.clip_by_global_norm(1.0), optax.sgd(lr, momentum=0.9)),
+    steps,
+    "clip_by_global_norm(1.0)",
+  )
 
   print(f"{'step':>5} | {'no clipping':^23} | {'clip_by_global_norm(1.0)':^23}")
   print(f"{'':>5} | {'loss':>10} {'grad norm':>12} | {'loss':>10} {'grad norm':>12}")
