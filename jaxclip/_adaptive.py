@@ -126,10 +126,10 @@ def autoclip(
 
   def init_fn(params):
     dtype = _base.record_dtype(params)
-    zero = _base.zero_count()
+    zero = _base.zero_count  # a fresh array per field: donated states share no buffer
     return AutoClipState(
-        zero, _base.scalar(0, dtype), _base.scalar(0, dtype), _base.scalar(1, dtype), _base.scalar(False, bool),
-        jnp.zeros((size,), dtype), zero, zero,
+        zero(), _base.scalar(0, dtype), _base.scalar(0, dtype), _base.scalar(1, dtype), _base.scalar(False, bool),
+        jnp.zeros((size,), dtype), zero(), zero(),
     )  # fmt: skip
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -375,16 +375,22 @@ def quantile_clip(
 
   def init_fn(params):
     dtype = _base.record_dtype(params)
-    c = jnp.asarray(initial_max_norm, dtype)
-    z = _base.scalar(0, dtype)
+
+    # A fresh array per field: donated states share no buffer.
+    def c():
+      return jnp.array(initial_max_norm, dtype)
+
+    def z():
+      return _base.scalar(0, dtype)
+
     return QuantileClipState(
       _base.zero_count(),
-      z,
-      c,
+      z(),
+      c(),
       _base.scalar(1, dtype),
       _base.scalar(False, bool),
-      z,
-      c,
+      z(),
+      c(),
       jax.random.PRNGKey(seed),
     )
 

@@ -139,10 +139,10 @@ def skip_on_spike(
 
   def init_fn(params):
     dtype = _base.record_dtype(params)
-    zero = _base.zero_count()
+    zero = _base.zero_count  # a fresh array per field: donated states share no buffer
     return SkipOnSpikeState(
-        zero, jnp.zeros([], dtype), jnp.full([], jnp.nan, dtype), jnp.zeros([], bool), zero,
-        jnp.zeros((size,), dtype), jnp.full((size,), jnp.nan, dtype), zero, zero,
+        zero(), jnp.zeros([], dtype), jnp.full([], jnp.nan, dtype), jnp.zeros([], bool), zero(),
+        jnp.zeros((size,), dtype), jnp.full((size,), jnp.nan, dtype), zero(), zero(),
         inner.init(params),
     )  # fmt: skip
 
@@ -240,8 +240,10 @@ def skip_nonfinite(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    zero = _base.zero_count()
-    return SkipNonFiniteState(zero, zero, zero, jnp.ones([], bool), zero, inner.init(params))
+    zero = _base.zero_count  # a fresh array per field: donated states share no buffer
+    return SkipNonFiniteState(
+      zero(), zero(), zero(), jnp.ones([], bool), zero(), inner.init(params)
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     _base.expect_state(state, SkipNonFiniteState, "skip_nonfinite")

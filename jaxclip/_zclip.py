@@ -139,11 +139,19 @@ def zclip(
 
   def init_fn(params):
     dtype = _base.record_dtype(params)
-    z, zero = jnp.zeros([], dtype), _base.zero_count()
-    false = jnp.zeros([], bool)
+
+    # A fresh array per field: donated states share no buffer.
+    def z():
+      return jnp.zeros([], dtype)
+
+    def false():
+      return jnp.zeros([], bool)
+
+    zero = _base.zero_count
     return ZClipState(
-      zero, z, z, jnp.ones([], dtype), false, false, z, z, z, jnp.zeros((warmup,), dtype), zero
-    )
+      zero(), z(), z(), jnp.ones([], dtype), false(), false(), z(), z(), z(),
+      jnp.zeros((warmup,), dtype), zero(),
+    )  # fmt: skip
 
   def adaptive(norm, mean, var):
     """The clip value of the reference once initialised, and whether n spikes."""

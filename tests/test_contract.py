@@ -194,3 +194,23 @@ def test_can_be_built_inside_jit(name):
     return tx.update(g, tx.init(g), g if needs_params else None)[0]
 
   build_and_step({"a": jnp.ones(3)})
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_state_can_be_donated(name):
+  # Training loops donate the optimizer state (`donate_argnums`): no two state
+  # fields may share a buffer, at init or after a step.
+  make, _, needs_params, *_ = TRANSFORMS[name]
+  opt = optax.chain(make(), optax.adam(0.1))
+  params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+
+  def step(params, state):
+    grads = jax.tree.map(lambda p: p + 1.0, params)
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(step, donate_argnums=(0, 1))
+  state = opt.init(params)
+  for _ in range(3):
+    params, state = step(params, state)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
