@@ -14,37 +14,17 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bench_adaptive import make_params  # noqa: E402
+from bench_adaptive import make_params, time_step  # noqa: E402
 
 import jaxclip  # noqa: E402
-
-
-def median_step(tx, params, grads, donate: bool, repeats: int) -> float:
-  def step(p, s, g):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
-  f = jax.jit(step, donate_argnums=(0, 1) if donate else ())
-  p = jax.tree.map(jnp.copy, params)
-  s = tx.init(p)
-  for _ in range(3):
-    p, s = jax.block_until_ready(f(p, s, grads))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    p, s = jax.block_until_ready(f(p, s, grads))
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
 
 
 def main() -> None:
@@ -62,10 +42,10 @@ def main() -> None:
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, optax {optax.__version__}")
   print(f"{'variant':<24}{'donated':>12}{'vs adamw':>10}{'not donated':>14}{'vs adamw':>10}")
   base = {
-    d: median_step(variants["adamw"](), params, grads, d, args.repeats) for d in (True, False)
+    d: time_step(variants["adamw"](), params, grads, args.repeats, donate=d) for d in (True, False)
   }
   for name, make in variants.items():
-    t = {d: median_step(make(), params, grads, d, args.repeats) for d in (True, False)}
+    t = {d: time_step(make(), params, grads, args.repeats, donate=d) for d in (True, False)}
     print(
       f"{name:<24}{t[True] * 1e3:>9.2f} ms{t[True] / base[True]:>9.2f}x"
       f"{t[False] * 1e3:>11.2f} ms{t[False] / base[False]:>9.2f}x"
