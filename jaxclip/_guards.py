@@ -8,24 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxclip import _adaptive, _base, _norms
+from jaxclip import _adaptive, _base, _norms, _skip
 
 __all__ = ["SkipNonFiniteState", "SkipOnSpikeState", "skip_nonfinite", "skip_on_spike"]
-
-
-def _guarded_update(inner, skip, updates, inner_state, params, extra_args):
-  """Runs `inner`; a skipped step gives zero updates and the state untouched.
-
-  The inner step always runs and `skip` selects between its results and the
-  old state; on CPU this measured faster than `lax.cond`, whose branches do
-  not fuse with the rest of the step. Either way the old state must outlive
-  the update, so with donated buffers the state is not updated in place
-  (see benchmarks/bench_guards.py).
-  """
-  new_updates, new_state = inner.update(updates, inner_state, params, **extra_args)
-  new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
-  new_state = jax.tree.map(lambda old, new: jnp.where(skip, old, new), inner_state, new_state)
-  return new_updates, new_state
 
 
 class SkipOnSpikeState(NamedTuple):
@@ -164,7 +149,7 @@ def skip_on_spike(
       state.norm_history, state.filled, state.position, norm, keep
     )
     losses, _, _ = _adaptive.push(state.loss_history, state.filled, state.position, loss, keep)
-    updates, inner_state = _guarded_update(
+    updates, inner_state = _skip.skippable_update(
       inner, skip, updates, state.inner_state, params, extra_args
     )
     new_state = SkipOnSpikeState(
@@ -256,7 +241,7 @@ def skip_nonfinite(
     run = jnp.where(finite, 0, state.consecutive_skipped + 1)
     give_up = ~finite & (False if max_consecutive is None else run > max_consecutive)
     skip = ~finite & ~give_up
-    updates, inner_state = _guarded_update(
+    updates, inner_state = _skip.skippable_update(
       inner, skip, updates, state.inner_state, params, extra_args
     )
     new_state = SkipNonFiniteState(
