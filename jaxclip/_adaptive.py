@@ -78,7 +78,10 @@ class AutoClipState(NamedTuple):
 
 
 def autoclip(
-  percentile: jax.typing.ArrayLike = 10.0, history_size: int = 1000
+  percentile: jax.typing.ArrayLike = 10.0,
+  history_size: int = 1000,
+  *,
+  axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Clips the global norm to a percentile of the norms seen so far (AutoClip).
 
@@ -97,6 +100,10 @@ def autoclip(
     percentile: The percentile of past norms to clip to, in [0, 100] (the
       paper recommends 10). May be traced.
     history_size: Number of past norms kept (a Python int >= 1).
+    axis_name: Inside `jax.shard_map` or `jax.pmap` with gradients split over
+      devices, the mapped axis to sum the partial norms over, so that every
+      device sees the same norm and keeps the same history. Not needed under plain `jax.jit` with
+      sharded arrays.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is an
@@ -135,7 +142,7 @@ def autoclip(
   def update_fn(updates, state, params=None, **extra_args):
     _base.expect_state(state, AutoClipState, "autoclip")
     del params, extra_args
-    norm = _norms.global_norm(updates)
+    norm = _norms.global_norm(updates, axis_name=axis_name)
     history, filled, position = push(
       state.history, state.filled, state.position, norm, jnp.isfinite(norm)
     )
@@ -182,6 +189,8 @@ def adagc(
   beta: jax.typing.ArrayLike = 0.99,
   warmup_steps: int = 100,
   warmup_max_norm: jax.typing.ArrayLike = 1.0,
+  *,
+  axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Clips each tensor relative to an EMA of its own clipped norms (AdaGC).
 
@@ -205,6 +214,10 @@ def adagc(
     warmup_steps: Number of initial steps of global clipping (``T_start``; a
       Python int >= 1).
     warmup_max_norm: ``lambda_abs``, the global threshold during warmup (>= 0).
+    axis_name: Inside `jax.shard_map` or `jax.pmap` with gradients split over
+      devices, the mapped axis to sum each tensor's partial norms over, so that every
+      device sees the same norms and keeps the same thresholds. Not needed under plain `jax.jit` with
+      sharded arrays.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is an `AdaGCState`.
@@ -252,7 +265,7 @@ def adagc(
     del params, extra_args
     dtype = _base.record_dtype(updates)
     buckets = _norms.Buckets(_base.inexact_leaves(updates))
-    norms = _norms.per_leaf_norms(buckets, 2.0).astype(dtype)
+    norms = _norms.per_leaf_norms(buckets, 2.0, axis_name=axis_name).astype(dtype)
     total = _norms.norm_of_leaves([norms], 2.0)
     in_warmup = state.count < warmup
     g_scale, g_clipped = _base.clip_scale(total, _base.resolve(warmup_max_norm, state.count, dtype))
@@ -311,6 +324,7 @@ def quantile_clip(
   per_example: bool = False,
   count_noise_std: jax.typing.ArrayLike = 0.0,
   seed: int = 0,
+  axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Clips to a threshold that tracks a quantile of the norms geometrically.
 
@@ -338,6 +352,10 @@ def quantile_clip(
     count_noise_std: Standard deviation of the noise on the count of
       unclipped examples (>= 0; per-example mode only).
     seed: Seed of the PRNG key kept in the state.
+    axis_name: Inside `jax.shard_map` or `jax.pmap` with gradients split over
+      devices, the mapped axis to sum the partial norms over, so that every
+      device sees the same norm and the same threshold (default mode only). Not needed under plain `jax.jit` with
+      sharded arrays.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
@@ -345,7 +363,8 @@ def quantile_clip(
 
   Raises:
     ValueError: For concrete hyperparameters out of range, or
-      `count_noise_std` without `per_example`.
+      `count_noise_std` without `per_example`, or `axis_name` with
+      `per_example`.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -372,6 +391,12 @@ def quantile_clip(
       " the count of unclipped examples only makes sense over a batch."
     )
   seed = _base.check_int(seed, "seed", 0)
+  if per_example and axis_name is not None:
+    raise ValueError(
+      f"`axis_name={axis_name!r}` is not supported with `per_example=True`: each"
+      " example's norm is computed on the device that holds it. Leave `axis_name`"
+      " unset, or clip per example before the gradients are split."
+    )
 
   def init_fn(params):
     dtype = _base.record_dtype(params)
@@ -417,7 +442,7 @@ def quantile_clip(
       keep_c = jnp.asarray(False)
     else:
       key = state.key
-      norm = _norms.global_norm(updates).astype(c.dtype)
+      norm = _norms.global_norm(updates, axis_name=axis_name).astype(c.dtype)
       scale, clipped = _base.clip_scale(norm, c)
       updates = _base.map_inexact(lambda x: _base.scale_leaf(x, scale), updates)
       fraction = (norm <= c).astype(c.dtype)

@@ -59,6 +59,7 @@ def skip_on_spike(
   min_history: int = 64,
   *,
   record_skipped: bool = True,
+  axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Skips steps whose gradient norm or loss spikes above its recent history.
 
@@ -87,6 +88,10 @@ def skip_on_spike(
       [2, window]).
     record_skipped: Whether values of skipped (finite) steps enter the
       history.
+    axis_name: Inside `jax.shard_map` or `jax.pmap` with gradients split over
+      devices, the mapped axis to sum the partial norms over, so that every
+      device sees the same norm and every device skips the same steps (pass a loss that is already averaged over devices). Not needed under plain `jax.jit` with
+      sharded arrays.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
@@ -136,7 +141,7 @@ def skip_on_spike(
   def update_fn(updates, state, params=None, **extra_args):
     _base.expect_state(state, SkipOnSpikeState, "skip_on_spike")
     dtype = state.norm_history.dtype
-    norm = _norms.global_norm(updates).astype(dtype)
+    norm = _norms.global_norm(updates, axis_name=axis_name).astype(dtype)
     has_loss = extra_args.get("loss") is not None
     loss = jnp.asarray(extra_args["loss"], dtype) if has_loss else jnp.full([], jnp.nan, dtype)
     finite = jnp.isfinite(norm) & (jnp.isfinite(loss) | (not has_loss))
@@ -184,7 +189,10 @@ class SkipNonFiniteState(NamedTuple):
 
 
 def skip_nonfinite(
-  inner: optax.GradientTransformation, max_consecutive: int | None = None
+  inner: optax.GradientTransformation,
+  max_consecutive: int | None = None,
+  *,
+  axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Skips steps whose gradients hold inf or NaN, and counts them.
 
@@ -204,6 +212,10 @@ def skip_nonfinite(
     inner: The optimizer to guard; extra arguments are forwarded to it.
     max_consecutive: Number of consecutive non-finite steps skipped before
       giving up (a Python int >= 0), or None never to give up.
+    axis_name: Inside `jax.shard_map` or `jax.pmap` with gradients split over
+      devices, the mapped axis to sum the partial norms over, so that every
+      device sees the same norm and every device skips the same steps. Not needed under plain `jax.jit` with
+      sharded arrays.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
@@ -237,7 +249,7 @@ def skip_nonfinite(
     # The global norm is finite exactly when every entry is (short of a norm
     # beyond the float range), and it is the very computation a clipper in
     # `inner` makes, so XLA computes it once for both.
-    finite = jnp.isfinite(_norms.global_norm(updates))
+    finite = jnp.isfinite(_norms.global_norm(updates, axis_name=axis_name))
     run = jnp.where(finite, 0, state.consecutive_skipped + 1)
     give_up = ~finite & (False if max_consecutive is None else run > max_consecutive)
     skip = ~finite & ~give_up

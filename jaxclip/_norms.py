@@ -267,11 +267,11 @@ def norm_of_leaves(
   return _norm(lambda q, down: _all_reduce(buckets.total(q, down), q, axis_name), p)
 
 
-def per_leaf_norms(buckets: Buckets, p: float) -> jax.Array:
+def per_leaf_norms(buckets: Buckets, p: float, *, axis_name: str | None = None) -> jax.Array:
   """Vector of the p-norm of each leaf of `buckets` separately."""
   if not buckets.leaves:
     return jnp.zeros((0,), jnp.float32)
-  return _norm(buckets.per_leaf, p)
+  return _norm(lambda q, down: _all_reduce(buckets.per_leaf(q, down), q, axis_name), p)
 
 
 def norm_along(x: jax.Array, p: float, axis: int | tuple[int, ...] | None) -> jax.Array:

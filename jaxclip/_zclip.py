@@ -65,6 +65,7 @@ def zclip(
   *,
   clip_factor: jax.typing.ArrayLike = 1.0,
   eps: jax.typing.ArrayLike = 1e-6,
+  axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Clips global-norm outliers detected by z-score against EMA statistics (ZClip).
 
@@ -103,6 +104,10 @@ def zclip(
     clip_factor: Multiplier of the adaptive-scaling threshold (0.5 to 0.9
       for aggressive clipping).
     eps: Added to the standard deviation in the z-score.
+    axis_name: Inside `jax.shard_map` or `jax.pmap` with gradients split over
+      devices, the mapped axis to sum the partial norms over, so that every
+      device sees the same norm and keeps the same statistics. Not needed under plain `jax.jit` with
+      sharded arrays.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `ZClipState`.
@@ -169,7 +174,7 @@ def zclip(
   def update_fn(updates, state, params=None, **extra_args):
     _base.expect_state(state, ZClipState, "zclip")
     del params, extra_args
-    norm = _norms.global_norm(updates)
+    norm = _norms.global_norm(updates, axis_name=axis_name)
     dtype = norm.dtype
     finite = jnp.isfinite(norm)
     cap = jnp.inf if max_norm is None else max_norm

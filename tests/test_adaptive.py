@@ -399,6 +399,7 @@ def test_inject_hyperparams_traced():
     (lambda: quantile_clip(target_quantile=1.5), "target_quantile"),
     (lambda: quantile_clip(learning_rate=-0.1), "learning_rate"),
     (lambda: quantile_clip(count_noise_std=1.0), "per_example"),
+    (lambda: quantile_clip(per_example=True, axis_name="d"), "axis_name"),
   ],
 )
 def test_bad_arguments_raise_value_error(make, match):

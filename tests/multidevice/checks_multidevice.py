@@ -7,7 +7,9 @@ starts, so this file is run in a pytest session of its own.
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -131,3 +133,89 @@ def test_pmap_axis_name():
   expected, expected_state = _expected({"g": host}, 1.0)
   np.testing.assert_allclose(norms, np.full(8, float(expected_state.norm)), rtol=1e-5)
   np.testing.assert_allclose(out, expected["g"], rtol=1e-5, atol=1e-7)
+
+
+ADAPTIVE_WITH_AXIS = {
+  "autoclip": lambda ax: jaxclip.autoclip(50.0, history_size=4, axis_name=ax),
+  "zclip": lambda ax: jaxclip.zclip(warmup_steps=2, axis_name=ax),
+  "adagc": lambda ax: jaxclip.adagc(warmup_steps=2, axis_name=ax),
+  "quantile_clip": lambda ax: jaxclip.quantile_clip(axis_name=ax),
+  "skip_on_spike": lambda ax: jaxclip.skip_on_spike(
+    optax.adam(0.1), window=4, n_sigma=1.0, min_history=2, axis_name=ax
+  ),
+  "skip_nonfinite": lambda ax: jaxclip.skip_nonfinite(optax.adam(0.1), axis_name=ax),
+}
+
+
+def _gradient_steps():
+  """Five steps of gradients {w, v}; the 4th has one NaN, in one shard only."""
+  base = {"w": _host_tree()["w"], "v": _host_tree()["v"]}
+  steps = [jax.tree.map(lambda x, s=s: x * (1.0 + s) ** 2, base) for s in range(5)]
+  steps[3]["v"] = steps[3]["v"].at[5].set(np.nan)
+  return steps
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTIVE_WITH_AXIS))
+def test_shard_map_axis_name_matches_single_device(name):
+  """With `axis_name`, every device computes the statistics of the whole
+  gradient: the sharded run equals the single-device one (updates and every
+  recorded statistic), and a NaN in one shard makes every device skip."""
+  mesh = jax.make_mesh((8,), ("d",), axis_types=(AxisType.Explicit,))
+  specs = {"w": P("d", None), "v": P("d")}
+  steps = _gradient_steps()
+  params = jax.tree.map(jnp.zeros_like, steps[0])
+
+  def run(tx, grads_list, params):
+    state = tx.init(params)
+    outs = []
+    for g in grads_list:
+      u, state = tx.update(g, state, params, loss=jnp.float32(1.0))
+      outs.append((u, jaxclip.stats(state)))
+    return outs
+
+  want = jax.jit(lambda gs, p: run(ADAPTIVE_WITH_AXIS[name](None), gs, p))(steps, params)
+  sharded = jax.shard_map(
+    lambda gs, p: run(ADAPTIVE_WITH_AXIS[name]("d"), gs, p),
+    mesh=mesh,
+    in_specs=([specs] * len(steps), specs),
+    out_specs=[(specs, P())] * len(steps),
+  )
+  got = jax.jit(sharded)([_put(g, mesh, specs) for g in steps], _put(params, mesh, specs))
+  for (gu, gs), (wu, ws) in zip(got, want, strict=True):
+    assert gs.keys() == ws.keys()
+    for key in ws:
+      np.testing.assert_allclose(gs[key], ws[key], rtol=1e-5, err_msg=key)
+    for a, b in zip(jax.tree.leaves(gu), jax.tree.leaves(wu), strict=True):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  if name.startswith("skip"):
+    skipped = [int(stats["clip/total_skipped"]) for _, stats in want]
+    assert skipped[3] == skipped[2] + 1  # the NaN step (the sharded run agreed above)
+    assert not any(np.any(np.asarray(x)) for x in jax.tree.leaves(got[3][0]))  # zero updates
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
+def test_guards_under_sharded_jit_with_donation(axis_type):
+  """Guards on sharded parameters with donated buffers: same results as on
+  one device, outputs stay sharded, no data moved between devices."""
+  mesh = jax.make_mesh((8,), ("d",), axis_types=(axis_type,))
+  steps = _gradient_steps()
+  host_params = jax.tree.map(jnp.zeros_like, steps[0])
+  for make in (ADAPTIVE_WITH_AXIS["skip_nonfinite"], ADAPTIVE_WITH_AXIS["skip_on_spike"]):
+    tx = optax.with_extra_args_support(make(None))
+
+    def step(params, state, grads, tx=tx):
+      u, state = tx.update(grads, state, params, loss=jnp.float32(1.0))
+      return optax.apply_updates(params, u), state
+
+    p_host, s_host = host_params, tx.init(host_params)
+    params = _shard(host_params, mesh, shard_small=True)
+    state = tx.init(params)
+    sharded_step = jax.jit(step, donate_argnums=(0, 1))
+    hlo = sharded_step.lower(params, state, _shard(steps[0], mesh, True)).compile().as_text()
+    assert _data_moving_ops(hlo) == []
+    for g in steps:
+      p_host, s_host = jax.jit(step)(p_host, s_host, g)
+      params, state = sharded_step(params, state, _shard(g, mesh, True))
+    assert params["w"].sharding.is_equivalent_to(NamedSharding(mesh, P("d", None)), 2)
+    for a, b in zip(jax.tree.leaves((params, state)), jax.tree.leaves((p_host, s_host))):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
