@@ -102,8 +102,8 @@ def autoclip(
     history_size: Number of past norms kept (a Python int >= 1).
     axis_name: Inside `jax.shard_map` or `jax.pmap` with gradients split over
       devices, the mapped axis to sum the partial norms over, so that every
-      device sees the same norm and keeps the same history. Not needed under plain `jax.jit` with
-      sharded arrays.
+      device sees the same norm and keeps the same history. Not needed under
+      plain `jax.jit` with sharded arrays.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is an
@@ -215,9 +215,9 @@ def adagc(
       Python int >= 1).
     warmup_max_norm: ``lambda_abs``, the global threshold during warmup (>= 0).
     axis_name: Inside `jax.shard_map` or `jax.pmap` with gradients split over
-      devices, the mapped axis to sum each tensor's partial norms over, so that every
-      device sees the same norms and keeps the same thresholds. Not needed under plain `jax.jit` with
-      sharded arrays.
+      devices, the mapped axis to sum each tensor's partial norms over, so that
+      every device sees the same norms and keeps the same thresholds. Not needed
+      under plain `jax.jit` with sharded arrays.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is an `AdaGCState`.
@@ -354,8 +354,8 @@ def quantile_clip(
     seed: Seed of the PRNG key kept in the state.
     axis_name: Inside `jax.shard_map` or `jax.pmap` with gradients split over
       devices, the mapped axis to sum the partial norms over, so that every
-      device sees the same norm and the same threshold (default mode only). Not needed under plain `jax.jit` with
-      sharded arrays.
+      device sees the same norm and the same threshold (default mode only). Not
+      needed under plain `jax.jit` with sharded arrays.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a

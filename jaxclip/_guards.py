@@ -90,8 +90,9 @@ def skip_on_spike(
       history.
     axis_name: Inside `jax.shard_map` or `jax.pmap` with gradients split over
       devices, the mapped axis to sum the partial norms over, so that every
-      device sees the same norm and every device skips the same steps (pass a loss that is already averaged over devices). Not needed under plain `jax.jit` with
-      sharded arrays.
+      device sees the same norm and every device skips the same steps (the loss
+      is averaged over the axis). Not needed under plain `jax.jit` with sharded
+      arrays.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
@@ -144,6 +145,8 @@ def skip_on_spike(
     norm = _norms.global_norm(updates, axis_name=axis_name).astype(dtype)
     has_loss = extra_args.get("loss") is not None
     loss = jnp.asarray(extra_args["loss"], dtype) if has_loss else jnp.full([], jnp.nan, dtype)
+    if has_loss and axis_name is not None:
+      loss = jax.lax.pmean(loss, axis_name)  # one decision for all devices
     finite = jnp.isfinite(norm) & (jnp.isfinite(loss) | (not has_loss))
     spike = _is_outlier(norm, state.norm_history, state.filled, n_sigma, need)
     if has_loss:
@@ -214,8 +217,8 @@ def skip_nonfinite(
       giving up (a Python int >= 0), or None never to give up.
     axis_name: Inside `jax.shard_map` or `jax.pmap` with gradients split over
       devices, the mapped axis to sum the partial norms over, so that every
-      device sees the same norm and every device skips the same steps. Not needed under plain `jax.jit` with
-      sharded arrays.
+      device sees the same norm and every device skips the same steps. Not
+      needed under plain `jax.jit` with sharded arrays.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a

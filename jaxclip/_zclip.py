@@ -106,8 +106,8 @@ def zclip(
     eps: Added to the standard deviation in the z-score.
     axis_name: Inside `jax.shard_map` or `jax.pmap` with gradients split over
       devices, the mapped axis to sum the partial norms over, so that every
-      device sees the same norm and keeps the same statistics. Not needed under plain `jax.jit` with
-      sharded arrays.
+      device sees the same norm and keeps the same statistics. Not needed under
+      plain `jax.jit` with sharded arrays.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `ZClipState`.
