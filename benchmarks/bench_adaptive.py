@@ -1,8 +1,9 @@
 """Step overhead of the adaptive transforms and guards, chained with adamw.
 
-Each optimizer is jitted on a ~20M-parameter tree of transformer-like shapes
+Each optimizer is jitted on a 16.8M-parameter tree of transformer-like shapes
 and timed against `jaxclip.clip_by_global_norm` + adamw in the same run
-(median of repeated timings, after warmup). Run:
+(median of repeated timings, after warmup), once with fresh output buffers and
+once with the parameters and optimizer state donated. Run:
 
   python benchmarks/bench_adaptive.py [--layers 4] [--repeats 30]
 """
@@ -81,15 +82,19 @@ def main() -> None:
   }
   baseline = lambda: optax.chain(jaxclip.clip_by_global_norm(1.0), adamw())  # noqa: E731
   print(f"{n / 1e6:.1f}M parameters, {len(jax.tree.leaves(params))} tensors, {jax.devices()[0]}")
-  print(f"{'transform':<16}{'ms/step':>10}{'baseline ms':>13}{'ratio':>8}")
+  print(f"{'':<16}{'not donated':^31}{'donated':^31}")
+  print(f"{'transform':<16}" + f"{'ms/step':>10}{'baseline ms':>13}{'ratio':>8}" * 2)
   for name, make in candidates.items():
-    # Interleave baseline and candidate so drift affects both alike.
-    base_t, cand_t = [], []
-    for _ in range(3):
-      base_t.append(time_step(baseline(), params, grads, args.repeats))
-      cand_t.append(time_step(make(), params, grads, args.repeats))
-    b, c = float(np.median(base_t)), float(np.median(cand_t))
-    print(f"{name:<16}{c * 1e3:>10.2f}{b * 1e3:>13.2f}{c / b:>8.3f}")
+    row = f"{name:<16}"
+    for donate in (False, True):
+      # Interleave baseline and candidate so drift affects both alike.
+      base_t, cand_t = [], []
+      for _ in range(3):
+        base_t.append(time_step(baseline(), params, grads, args.repeats, donate))
+        cand_t.append(time_step(make(), params, grads, args.repeats, donate))
+      b, c = float(np.median(base_t)), float(np.median(cand_t))
+      row += f"{c * 1e3:>10.2f}{b * 1e3:>13.2f}{c / b:>8.3f}"
+    print(row, flush=True)
 
 
 if __name__ == "__main__":

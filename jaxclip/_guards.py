@@ -79,6 +79,11 @@ def skip_on_spike(
   jump of the norm above the band is then skipped for good, since the window
   never sees the new level.
 
+  Cost: the norm is the one an inner `clip_by_global_norm` computes (XLA
+  computes it once for both), and the inner step is not branched: each new
+  state value is selected where it is computed, so with donated buffers the
+  inner state is still updated in place (`benchmarks/bench_guards.py`).
+
   Args:
     inner: The optimizer to guard; extra arguments (``loss=`` included) are
       forwarded to it.
@@ -202,8 +207,10 @@ def skip_nonfinite(
   Like `optax.apply_if_finite`: a step with a non-finite gradient entry gives
   a zero update and leaves the inner optimizer's state untouched. The test is
   on the global norm of the gradients (float32-accumulated and rescaled, so
-  finite entries only fail it when the norm itself exceeds the float range). The state
-  reports how many steps were skipped in total and in a row.
+  finite entries only fail it when the norm itself exceeds the float range).
+  The state reports how many steps were skipped in total and in a row. As
+  for `skip_on_spike`, the inner step is not branched, and with donated
+  buffers its state is updated in place.
 
   After more than `max_consecutive` non-finite steps in a row the guard gives
   up, as optax does: the step is passed to `inner` (so the inf/NaN reaches the
