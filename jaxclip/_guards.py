@@ -80,9 +80,13 @@ def skip_on_spike(
   never sees the new level.
 
   Cost: the norm is the one an inner `clip_by_global_norm` computes (XLA
-  computes it once for both), and the inner step is not branched: each new
-  state value is selected where it is computed, so with donated buffers the
-  inner state is still updated in place (`benchmarks/bench_guards.py`).
+  computes it once for both), and the inner step is not branched: under
+  `jax.jit` each new state value is selected where it is computed, so with
+  donated buffers the inner state is still updated in place
+  (`benchmarks/bench_guards.py`; state computed inside a `lax.cond`, as in
+  `optax.MultiSteps`, is selected after it and may be copied). On a skipped
+  step the rest of the inner step then runs on the old state: callbacks in it
+  see those values, and a gradient taken through a skipped step can be NaN.
 
   Args:
     inner: The optimizer to guard; extra arguments (``loss=`` included) are
@@ -208,9 +212,9 @@ def skip_nonfinite(
   a zero update and leaves the inner optimizer's state untouched. The test is
   on the global norm of the gradients (float32-accumulated and rescaled, so
   finite entries only fail it when the norm itself exceeds the float range).
-  The state reports how many steps were skipped in total and in a row. As
-  for `skip_on_spike`, the inner step is not branched, and with donated
-  buffers its state is updated in place.
+  The state reports how many steps were skipped in total and in a row. The
+  inner step runs as in `skip_on_spike` (see its "Cost" paragraph): not
+  branched, and with donated buffers its state is updated in place.
 
   After more than `max_consecutive` non-finite steps in a row the guard gives
   up, as optax does: the step is passed to `inner` (so the inf/NaN reaches the

@@ -9,12 +9,22 @@ the state is donated, the selection overwrites the old state in place while
 the updates still need it, so XLA copies the whole optimizer state first:
 measured on CPU, that made a guarded AdamW step 3x slower than a plain one.
 
-`skippable_update` evaluates the inner update's jaxpr instead and selects
-each new state value *where it is computed*, so every later use (the updates
-included) reads the selected value. On a step that is not skipped the
-selected value is the new one, so the result is unchanged; on a skipped step
-the updates are zero whatever they were computed from. The old state is then
-read once, before its buffer is written, and the update runs in place.
+Under a trace (`jax.jit`, `jax.vmap`, ...), `skippable_update` evaluates the
+inner update's jaxpr instead and selects each new state value *where it is
+computed*, so every later use (the updates included) reads the selected
+value. On a step that is not skipped the selected value is the new one, so
+the result is unchanged; on a skipped step the updates are zero whatever they
+were computed from. The old state is then read once, before its buffer is
+written, and the update runs in place. Two consequences of a skipped step
+computing the rest of the inner step from the old state: callbacks inside
+the inner step (``jax.debug.print``) see those values, and a gradient taken
+*through* a skipped step can be NaN where an intermediate is (Adam's bias
+correction divides by zero when its own count is still 0). Values computed
+inside a `lax.cond` or a non-inlined `jax.jit` of the inner step are selected
+at their output instead: still correct, but XLA may then copy them.
+
+Without a trace (eager calls) nothing is fused or donated, and the plain
+formulation is used.
 """
 
 from __future__ import annotations
@@ -49,45 +59,72 @@ def skippable_update(
   Returns:
     The updates (zero where skipped) and the new inner state (`state` where
     skipped).
+
+  Raises:
+    TypeError: If `inner` returns a state of another tree structure than the
+      one it was given.
   """
+  leaves = jax.tree.leaves((skip, updates, state, params, extra_args))
+  if not any(isinstance(x, jax.core.Tracer) for x in leaves):
+    new_updates, new_state = inner.update(updates, state, params, **extra_args)
+    _check_structure(state, new_state)
+    return _zero_where(skip, new_updates), jax.tree.map(
+      lambda old, new: jnp.where(skip, old, new), state, new_state
+    )
   dynamic, rebuild = _split_arrays((updates, state, params))
 
   def step(*arrays):
     u, s, p = rebuild(arrays)
     return inner.update(u, s, p, **extra_args)
 
-  closed, out_shapes = jax.make_jaxpr(step, return_shape=True)(*dynamic)
+  closed, (updates_shape, state_shape) = jax.make_jaxpr(step, return_shape=True)(*dynamic)
+  _check_structure(state, state_shape)
   jaxpr = closed.jaxpr
   old_leaves = jax.tree.leaves(state)
-  n_updates = len(jax.tree.leaves(out_shapes[0]))
+  n_updates = len(jax.tree.leaves(updates_shape))
   update_vars, state_vars = jaxpr.outvars[:n_updates], jaxpr.outvars[n_updates:]
-  if len(state_vars) != len(old_leaves):
-    raise TypeError(
-      "The optimizer wrapped by a guard must return a state of the same structure"
-      f" as it was given ({len(old_leaves)} leaves), got {len(state_vars)} leaves."
-    )
-  keep = _selections(jaxpr, state_vars, old_leaves)
+  old_value_of = _selections(jaxpr, state_vars, old_leaves)
 
+  # The loop of `jax.core.eval_jaxpr`, with each selected value replaced as
+  # soon as it is computed (source locations are not carried over).
   env: dict[Any, Any] = dict(zip(jaxpr.constvars, closed.consts, strict=True))
   env.update(zip(jaxpr.invars, dynamic, strict=True))
-  read = lambda v: v.val if isinstance(v, jex_core.Literal) else env[v]  # noqa: E731
+
+  def read(atom):
+    return env[atom] if _is_var(atom) else atom.val
+
   for eqn in jaxpr.eqns:
     with eqn.ctx.manager:
       outs = eqn.primitive.bind(*map(read, eqn.invars), **eqn.primitive.get_bind_params(eqn.params))
     if not eqn.primitive.multiple_results:
       outs = [outs]
     for var, value in zip(eqn.outvars, outs, strict=True):
-      env[var] = jnp.where(skip, keep[var], value) if var in keep else value
+      env[var] = jnp.where(skip, old_value_of[var], value) if var in old_value_of else value
 
-  new_updates = [jnp.where(skip, jnp.zeros_like(x), x) for x in map(read, update_vars)]
   new_state = [
-    read(var) if _is_var(var) and var in keep else jnp.where(skip, old, read(var))
+    read(var) if _is_var(var) and var in old_value_of else jnp.where(skip, old, read(var))
     for var, old in zip(state_vars, old_leaves, strict=True)
   ]
   return (
-    jax.tree.unflatten(jax.tree.structure(out_shapes[0]), new_updates),
-    jax.tree.unflatten(jax.tree.structure(out_shapes[1]), new_state),
+    _zero_where(
+      skip, jax.tree.unflatten(jax.tree.structure(updates_shape), map(read, update_vars))
+    ),
+    jax.tree.unflatten(jax.tree.structure(state_shape), new_state),
   )
+
+
+def _zero_where(skip: jax.Array, tree: Any) -> Any:
+  return jax.tree.map(lambda x: jnp.where(skip, jnp.zeros_like(x), x), tree)
+
+
+def _check_structure(state: Any, new_state: Any) -> None:
+  before, after = jax.tree.structure(state), jax.tree.structure(new_state)
+  if before != after:
+    raise TypeError(
+      "The optimizer wrapped by a guard must return a state of the structure it"
+      f" was given, to return that state on a skipped step: got {after}, expected"
+      f" {before}."
+    )
 
 
 def _is_var(atom: Any) -> bool:
