@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxclip import _base, _norms, _per_example
+from jaxclip import _base, _norms, _per_example, _validate
 
 __all__ = [
   "AdaGCState",
@@ -128,8 +128,10 @@ def autoclip(
     Seetharaman et al., [AutoClip: Adaptive Gradient Clipping for Source
     Separation Networks](https://arxiv.org/abs/2007.14469), 2020.
   """
-  _base.check_range(percentile, "percentile", 0.0, 100.0, "Use e.g. 10 for the 10th percentile.")
-  size = _base.check_int(history_size, "history_size", 1)
+  _validate.check_range(
+    percentile, "percentile", 0.0, 100.0, "Use e.g. 10 for the 10th percentile."
+  )
+  size = _validate.check_int(history_size, "history_size", 1)
 
   def init_fn(params):
     dtype = _base.record_dtype(params)
@@ -241,10 +243,10 @@ def adagc(
     Wang et al., [AdaGC: Improving Training Stability for Large Language Model
     Pretraining](https://arxiv.org/abs/2502.11034), 2025.
   """
-  _base.check_threshold(relative, "relative", allow_schedule=False)
-  _base.check_threshold(warmup_max_norm, "warmup_max_norm")
-  _base.check_range(beta, "beta", 0.0, 1.0, "Typical values are 0.98 to 0.99.")
-  warmup = _base.check_int(warmup_steps, "warmup_steps", 1)
+  _validate.check_threshold(relative, "relative", allow_schedule=False)
+  _validate.check_threshold(warmup_max_norm, "warmup_max_norm")
+  _validate.check_range(beta, "beta", 0.0, 1.0, "Typical values are 0.98 to 0.99.")
+  warmup = _validate.check_int(warmup_steps, "warmup_steps", 1)
 
   def init_fn(params):
     dtype = _base.record_dtype(params)
@@ -380,17 +382,17 @@ def quantile_clip(
     Andrew et al., [Differentially Private Learning with Adaptive
     Clipping](https://arxiv.org/abs/1905.03871), 2021.
   """
-  _base.check_range(target_quantile, "target_quantile", 0.0, 1.0, "Use 0.5 for the median.")
-  _base.check_threshold(learning_rate, "learning_rate", allow_schedule=False)
-  _base.check_threshold(initial_max_norm, "initial_max_norm", allow_schedule=False)
-  _base.check_threshold(count_noise_std, "count_noise_std", allow_schedule=False)
-  noisy = not (_base.is_concrete(count_noise_std) and not np.any(np.asarray(count_noise_std)))
-  if noisy and not per_example and _base.is_concrete(count_noise_std):
+  _validate.check_range(target_quantile, "target_quantile", 0.0, 1.0, "Use 0.5 for the median.")
+  _validate.check_threshold(learning_rate, "learning_rate", allow_schedule=False)
+  _validate.check_threshold(initial_max_norm, "initial_max_norm", allow_schedule=False)
+  _validate.check_threshold(count_noise_std, "count_noise_std", allow_schedule=False)
+  noisy = not (_validate.is_concrete(count_noise_std) and not np.any(np.asarray(count_noise_std)))
+  if noisy and not per_example and _validate.is_concrete(count_noise_std):
     raise ValueError(
       f"`count_noise_std={count_noise_std!r}` needs `per_example=True`: noise on"
       " the count of unclipped examples only makes sense over a batch."
     )
-  seed = _base.check_int(seed, "seed", 0)
+  seed = _validate.check_int(seed, "seed", 0)
   if per_example and axis_name is not None:
     raise ValueError(
       f"`axis_name={axis_name!r}` is not supported with `per_example=True`: each"

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxclip import _base, _clipping, _norms
-from jaxclip._base import Threshold
+from jaxclip import _clipping, _norms, _validate
+from jaxclip._validate import Threshold
 
 
 def unitwise_clip(
@@ -100,9 +100,9 @@ def adaptive_grad_clip(
     Brock et al., [High-Performance Large-Scale Image Recognition Without
     Normalization](https://arxiv.org/abs/2102.06171), 2021.
   """
-  _base.check_threshold(clipping, "clipping")
-  _base.check_threshold(eps, "eps", allow_schedule=False)
-  axis = _base.check_axis(axis)
+  _validate.check_threshold(clipping, "clipping")
+  _validate.check_threshold(eps, "eps", allow_schedule=False)
+  axis = _validate.check_axis(axis)
 
   def measure(buckets, param_leaves):
     shapes = [x.shape for x in buckets.leaves], [w.shape for w in param_leaves]

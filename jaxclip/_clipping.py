@@ -11,9 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxclip import _base, _norms
-from jaxclip._base import Threshold
-from jaxclip._norms import Ord
+from jaxclip import _base, _norms, _validate
+from jaxclip._validate import Ord, Threshold
 
 
 class ClipByValueState(NamedTuple):
@@ -112,13 +111,13 @@ def clip_by_value(
     >>> round(float(state.clipped_fraction), 4)
     0.6667
   """
-  _base.check_threshold(min_value, "min_value", allow_negative=True)
-  _base.check_threshold(max_value, "max_value", allow_negative=True)
+  _validate.check_threshold(min_value, "min_value", allow_negative=True)
+  _validate.check_threshold(max_value, "max_value", allow_negative=True)
   if (
     not callable(min_value)
     and not callable(max_value)
-    and _base.is_concrete(min_value)
-    and _base.is_concrete(max_value)
+    and _validate.is_concrete(min_value)
+    and _validate.is_concrete(max_value)
     and np.any(np.asarray(min_value) > np.asarray(max_value))
   ):
     raise ValueError(
@@ -181,7 +180,7 @@ def clip(max_delta: Threshold) -> optax.GradientTransformationExtraArgs:
     >>> tx.update(jnp.array([-3.0, 0.5, 2.0]), tx.init(None))[0]
     Array([-1. ,  0.5,  1. ], dtype=float32)
   """
-  _base.check_threshold(max_delta, "max_delta")
+  _validate.check_threshold(max_delta, "max_delta")
   if callable(max_delta):
     schedule = max_delta
     return clip_by_value(lambda n: -jnp.asarray(schedule(n)), schedule)
@@ -236,8 +235,8 @@ def clip_by_global_norm(
     Pascanu et al., [On the difficulty of training recurrent neural
     networks](https://arxiv.org/abs/1211.5063), 2013.
   """
-  _base.check_threshold(max_norm, "max_norm")
-  p = _base.check_ord(ord)
+  _validate.check_threshold(max_norm, "max_norm")
+  p = _validate.check_ord(ord)
   thresholds = {"max_norm": max_norm}
 
   def init_fn(params):
@@ -392,9 +391,9 @@ def clip_by_norm(
     >>> clipped["b"]  # norm 5: unchanged
     Array([3., 4.], dtype=float32)
   """
-  _base.check_threshold(max_norm, "max_norm")
-  p = _base.check_ord(ord)
-  return per_tensor_clipper(_leaf_norms(p, _base.check_axis(axis)), max_norm, "max_norm")
+  _validate.check_threshold(max_norm, "max_norm")
+  p = _validate.check_ord(ord)
+  return per_tensor_clipper(_leaf_norms(p, _validate.check_axis(axis)), max_norm, "max_norm")
 
 
 def clip_by_block_rms(threshold: Threshold) -> optax.GradientTransformationExtraArgs:
@@ -423,7 +422,7 @@ def clip_by_block_rms(threshold: Threshold) -> optax.GradientTransformationExtra
     >>> tx.update(jnp.array([4.0, 0.0, 0.0, 0.0]), tx.init(None))[0]
     Array([2., 0., 0., 0.], dtype=float32)
   """
-  _base.check_threshold(threshold, "threshold")
+  _validate.check_threshold(threshold, "threshold")
   norms = _leaf_norms(2.0, None)
 
   def measure(buckets, param_leaves):

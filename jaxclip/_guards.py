@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxclip import _adaptive, _base, _norms, _skip
+from jaxclip import _adaptive, _base, _norms, _skip, _validate
 
 __all__ = ["SkipNonFiniteState", "SkipOnSpikeState", "skip_nonfinite", "skip_on_spike"]
 
@@ -129,14 +129,14 @@ def skip_on_spike(
     Furious](https://arxiv.org/abs/2501.00656), 2025) and
     ``olmo_core.optim.SkipStepOptimizer``.
   """
-  size = _base.check_int(window, "window", 2)
-  need = _base.check_int(min_history, "min_history", 2)
+  size = _validate.check_int(window, "window", 2)
+  need = _validate.check_int(min_history, "min_history", 2)
   if need > size:
     raise ValueError(
       f"`min_history` ({min_history}) must be <= `window` ({window}): the"
       " window never holds more values. Lower `min_history` or widen `window`."
     )
-  _base.check_threshold(n_sigma, "n_sigma", allow_schedule=False)
+  _validate.check_threshold(n_sigma, "n_sigma", allow_schedule=False)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -249,7 +249,7 @@ def skip_nonfinite(
     (Array([0., 0.], dtype=float32), 1, False)
   """
   if max_consecutive is not None:
-    max_consecutive = _base.check_int(max_consecutive, "max_consecutive", 0)
+    max_consecutive = _validate.check_int(max_consecutive, "max_consecutive", 0)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):

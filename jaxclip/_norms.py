@@ -19,13 +19,14 @@ Design:
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from jaxclip import _validate
 
 __all__ = ["global_norm", "unitwise_norm"]
 
@@ -39,28 +40,6 @@ _MIN_LEAVES_TO_BUCKET = 32
 _LEAVES_PER_BUCKET = 256
 
 Ord = int | float | str
-
-
-def check_ord(ord: Ord, name: str = "ord") -> float:
-  """Returns `ord` as a float p > 0 (``math.inf`` for the max norm)."""
-  if isinstance(ord, str):
-    if ord.strip().lower() in ("inf", "+inf"):
-      return math.inf
-    raise ValueError(
-      f"`{name}` must be a number > 0 or 'inf', got {ord!r}. Use 2 for the"
-      " Euclidean norm, 1 for the sum of magnitudes or math.inf for the max."
-    )
-  if isinstance(ord, bool) or not isinstance(ord, numbers.Real):
-    raise TypeError(
-      f"`{name}` must be a Python number > 0 or 'inf', got {ord!r} of type {type(ord).__name__}."
-    )
-  p = float(ord)
-  if not p > 0:  # also catches NaN
-    raise ValueError(
-      f"`{name}` must be > 0, got {ord!r}: p-norms with p <= 0 are not norms"
-      " and are not scale-equivariant. Use 2, 1, math.inf or any p > 0."
-    )
-  return p
 
 
 def is_inexact(x: object) -> bool:
@@ -326,7 +305,7 @@ def global_norm(tree: object, ord: Ord = 2, *, axis_name: str | None = None) -> 
     >>> jaxclip.global_norm(big)
     Array(2.e+20, dtype=float32)
   """
-  p = check_ord(ord)
+  p = _validate.check_ord(ord)
   leaves = [x for x in jax.tree.leaves(tree) if is_inexact(x)]
   return norm_of_leaves(leaves, p, axis_name=axis_name)
 

@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxclip import _base, _norms
+from jaxclip import _base, _norms, _validate
 
 
 def _check_batched(grads: Any, fn: str) -> list[jax.Array]:
@@ -90,7 +90,7 @@ def per_example_global_norm_clip(
     Abadi et al., [Deep Learning with Differential
     Privacy](https://arxiv.org/abs/1607.00133), 2016.
   """
-  _base.check_threshold(l2_norm_clip, "l2_norm_clip")
+  _validate.check_threshold(l2_norm_clip, "l2_norm_clip")
   leaves = _check_batched(grads, "per_example_global_norm_clip")
   sums, num_clipped = _clip_examples(leaves, l2_norm_clip)
   return jax.tree.unflatten(jax.tree.structure(grads), sums), num_clipped
@@ -132,7 +132,7 @@ def per_example_layer_norm_clip(
     McMahan et al., [Learning Differentially Private Recurrent Language
     Models](https://arxiv.org/abs/1710.06963), 2018.
   """
-  _base.check_threshold(global_l2_norm_clip, "global_l2_norm_clip")
+  _validate.check_threshold(global_l2_norm_clip, "global_l2_norm_clip")
   leaves = _check_batched(grads, "per_example_layer_norm_clip")
   total = sum(x[0].size for x in leaves)
   results = []

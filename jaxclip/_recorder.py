@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxclip import _base, _norms
+from jaxclip import _base, _norms, _validate
 
 _REPORTED_PERCENTILES = (50.0, 90.0, 95.0, 99.0)
 _TABLE_PERCENTILES = (50.0, 75.0, 90.0, 95.0, 99.0, 100.0)
@@ -84,7 +84,7 @@ def record_norms(
     >>> recorder.norms[0]
     Array([1., 5.], dtype=float32)
   """
-  num_steps = _base.check_int(num_steps, "num_steps", 1)
+  num_steps = _validate.check_int(num_steps, "num_steps", 1)
 
   def init_fn(params):
     dtype = _base.record_dtype(params)
@@ -291,7 +291,7 @@ def suggest_max_norm(
     >>> s.table[-1]  # ('suggested', threshold, steps clipped, fraction)
     ('suggested', 1.9, 10, 0.09900990099009901)
   """
-  min_steps = _base.check_int(min_steps, "min_steps", 1)
+  min_steps = _validate.check_int(min_steps, "min_steps", 1)
   if isinstance(percentile, bool) or not 0 < float(percentile) <= 100:
     raise ValueError(
       f"`percentile` must be in (0, 100], got {percentile!r}; 90 clips about one step in ten."

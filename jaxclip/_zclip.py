@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxclip import _base, _norms
+from jaxclip import _base, _norms, _validate
 
 __all__ = ["ZClipState", "zclip"]
 
@@ -46,12 +46,6 @@ class ZClipState(NamedTuple):
   var: jax.Array
   warmup_norms: jax.Array
   filled: jax.Array
-
-
-def _check_choice(value: str, name: str, choices: tuple[str, ...]) -> str:
-  if not isinstance(value, str) or value.lower() not in choices:
-    raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
-  return value.lower()
 
 
 def zclip(
@@ -131,16 +125,16 @@ def zclip(
     Kumar et al., [ZClip: Adaptive Spike Mitigation for LLM
     Pre-Training](https://arxiv.org/abs/2504.02507), 2025.
   """
-  _base.check_range(alpha, "alpha", 0.0, 1.0, "The paper uses 0.97.")
-  _base.check_threshold(z_thresh, "z_thresh", allow_schedule=False)
-  _base.check_threshold(clip_factor, "clip_factor", allow_schedule=False)
-  _base.check_threshold(eps, "eps", allow_schedule=False)
+  _validate.check_range(alpha, "alpha", 0.0, 1.0, "The paper uses 0.97.")
+  _validate.check_threshold(z_thresh, "z_thresh", allow_schedule=False)
+  _validate.check_threshold(clip_factor, "clip_factor", allow_schedule=False)
+  _validate.check_threshold(eps, "eps", allow_schedule=False)
   if max_norm is not None:
-    _base.check_threshold(max_norm, "max_norm")
-  warmup = _base.check_int(warmup_steps, "warmup_steps", 1)
-  mode = _check_choice(mode, "mode", _MODES)
+    _validate.check_threshold(max_norm, "max_norm")
+  warmup = _validate.check_int(warmup_steps, "warmup_steps", 1)
+  mode = _validate.check_choice(mode, "mode", _MODES)
   if mode == "zscore":
-    clip_option = _check_choice(clip_option, "clip_option", _CLIP_OPTIONS)
+    clip_option = _validate.check_choice(clip_option, "clip_option", _CLIP_OPTIONS)
 
   def init_fn(params):
     dtype = _base.record_dtype(params)

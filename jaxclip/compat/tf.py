@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxclip import _base
+from jaxclip import _base, _validate
 
 __all__ = [
   "clip_by_global_norm",
@@ -141,7 +141,7 @@ def clip_by_norm(
   else:
     clip_norm = jnp.maximum(clip_norm, 0)
   c = jnp.asarray(clip_norm).astype(values.dtype)
-  axis = _base.check_axis(axes, "axes")
+  axis = _validate.check_axis(axes, "axes")
   l2sum = jnp.sum(values * values, axis=axis, keepdims=True)
   pred = l2sum > 0
   l2sum_safe = jnp.where(pred, l2sum, jnp.ones_like(l2sum))

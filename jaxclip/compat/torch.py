@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import optax
 from jax.experimental import checkify
 
-from jaxclip import _base
+from jaxclip import _base, _validate
 
 __all__ = [
   "clip_grad_norm",
@@ -176,7 +176,7 @@ def get_total_norm(
 
 
 def _check_finite(total: jax.Array, p: float) -> None:
-  if _base.is_concrete(total):
+  if _validate.is_concrete(total):
     if not bool(jnp.isfinite(total)):
       raise RuntimeError(_NONFINITE_MESSAGE.format(p=p, norm=float(total)))
     return
