@@ -1,7 +1,11 @@
 """jaxclip: gradient clipping for JAX, as composable optax transformations.
 
 Every public name lives here; the modules behind it are private.
+`jaxclip.TrainState` needs Flax (``pip install 'jaxclip[flax]'``) and is
+imported on first use, so that ``import jaxclip`` works without it.
 """
+
+from typing import TYPE_CHECKING
 
 from jaxclip._adaptive import AdaGCState as AdaGCState
 from jaxclip._adaptive import AutoClipState as AutoClipState
@@ -19,7 +23,6 @@ from jaxclip._clipping import clip_by_block_rms as clip_by_block_rms
 from jaxclip._clipping import clip_by_global_norm as clip_by_global_norm
 from jaxclip._clipping import clip_by_norm as clip_by_norm
 from jaxclip._clipping import clip_by_value as clip_by_value
-from jaxclip._flax import TrainState as TrainState
 from jaxclip._guards import SkipNonFiniteState as SkipNonFiniteState
 from jaxclip._guards import SkipOnSpikeState as SkipOnSpikeState
 from jaxclip._guards import skip_nonfinite as skip_nonfinite
@@ -36,6 +39,9 @@ from jaxclip._recorder import suggest_max_norm as suggest_max_norm
 from jaxclip._stats import stats as stats
 from jaxclip._zclip import ZClipState as ZClipState
 from jaxclip._zclip import zclip as zclip
+
+if TYPE_CHECKING:  # imported on first use, by __getattr__ below
+  from jaxclip._flax import TrainState as TrainState
 
 __version__ = "0.1.0"
 
@@ -74,3 +80,23 @@ __all__ = [
   "unitwise_norm",
   "zclip",
 ]
+
+
+def __getattr__(name: str):
+  # TrainState needs Flax, an optional dependency: it is imported on first use.
+  if name != "TrainState":
+    raise AttributeError(f"module 'jaxclip' has no attribute {name!r}")
+  try:
+    from jaxclip._flax import TrainState
+  except ImportError as e:
+    raise ImportError(
+      f"jaxclip.TrainState needs Flax, which could not be imported ({e}). Install it with"
+      " `pip install 'jaxclip[flax]'`.",
+      name=e.name,
+    ) from e
+  globals()["TrainState"] = TrainState  # later lookups do not come back here
+  return TrainState
+
+
+def __dir__() -> list[str]:
+  return sorted({*globals(), "TrainState"})

@@ -8,17 +8,17 @@ import subprocess
 import sys
 import textwrap
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-from flax import nnx
-from flax.training import train_state
+import pytest
 
 import jaxclip
-from jaxclip._flax import TrainState
+
+ocp = pytest.importorskip(
+  "orbax.checkpoint", reason="orbax-checkpoint not installed: pip install 'jaxclip[test]'"
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -158,13 +158,22 @@ def test_resume_in_a_fresh_process_is_bitwise_identical(tmp_path):
   )
 
 
-class MLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(2)(nn.relu(nn.Dense(8)(x)))
+# Flax states (the tests below skip without flax, the `flax` extra).
+
+
+def _flax(module):
+  return pytest.importorskip(module, reason="flax not installed: pip install 'jaxclip[flax]'")
 
 
 def test_linen_train_state_round_trip(tmp_path):
+  nn = _flax("flax.linen")
+  TrainState = jaxclip.TrainState
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(2)(nn.relu(nn.Dense(8)(x)))
+
   model, x = MLP(), jnp.ones((4, 3))
   tx = jaxclip.skip_on_spike(
     optax.chain(jaxclip.clip_by_global_norm(0.5), optax.adamw(1e-2)), window=8, min_history=4
@@ -197,6 +206,7 @@ def test_linen_train_state_round_trip(tmp_path):
 
 
 def test_flax_train_state_round_trip(tmp_path):
+  train_state = _flax("flax.training.train_state")
   tx = optax.chain(jaxclip.zclip(warmup_steps=2), optax.sgd(0.1))
   params = {"w": jnp.arange(3.0)}
   state = train_state.TrainState.create(apply_fn=None, params=params, tx=tx)
@@ -210,15 +220,17 @@ def test_flax_train_state_round_trip(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, restored, state)
 
 
-class NNXLinear(nnx.Module):
-  def __init__(self, rngs: nnx.Rngs):
-    self.linear = nnx.Linear(3, 2, rngs=rngs)
-
-  def __call__(self, x):
-    return self.linear(x)
-
-
 def test_nnx_optimizer_round_trip(tmp_path):
+  nnx = _flax("flax.nnx")
+  as_pure = getattr(nnx, "as_pure", None) or nnx.pure  # named nnx.pure in flax 0.12.6
+
+  class NNXLinear(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+      self.linear = nnx.Linear(3, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.linear(x)
+
   tx = jaxclip.skip_on_spike(
     optax.chain(jaxclip.clip_by_global_norm(0.1), optax.adam(1e-2)), window=4, min_history=2
   )
@@ -243,6 +255,6 @@ def test_nnx_optimizer_round_trip(tmp_path):
   assert bool(restored.opt_state.inner_state[0].clipped[...])
   jax.tree.map(
     np.testing.assert_array_equal,
-    nnx.as_pure(nnx.state(restored)),
-    nnx.as_pure(nnx.state(optimizer)),
+    as_pure(nnx.state(restored)),
+    as_pure(nnx.state(optimizer)),
   )

@@ -2,18 +2,24 @@
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+
+pytest.importorskip("flax", reason="flax not installed: pip install 'jaxclip[flax]'")
+
+import flax.linen as nn
 from flax import nnx, struct
 from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT
 from flax.training import train_state
 
 import jaxclip
-from jaxclip._flax import TrainState
+from jaxclip import TrainState
+
+# `nnx.as_pure` is named `nnx.pure` in flax 0.12.6.
+as_pure = getattr(nnx, "as_pure", None) or nnx.pure
 
 X = jax.random.normal(jax.random.key(0), (16, 5))
 Y = jax.random.normal(jax.random.key(1), (16, 3))
@@ -184,7 +190,7 @@ def test_nnx_optimizer_records_the_clipping_state():
   model = NNXMLP(nnx.Rngs(0))
   tx = optax.chain(jaxclip.clip_by_global_norm(0.1), optax.adamw(1e-2))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  params = nnx.as_pure(nnx.state(model, nnx.Param))  # a copy, not the live Variables
+  params = as_pure(nnx.state(model, nnx.Param))  # a copy, not the live Variables
   opt_state = tx.init(params)
 
   @nnx.jit
@@ -195,7 +201,7 @@ def test_nnx_optimizer_records_the_clipping_state():
 
   for _ in range(3):
     _, grads = step(model, optimizer)
-    grads = nnx.as_pure(grads)
+    grads = as_pure(grads)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
   clip_state = optimizer.opt_state[0]
@@ -206,7 +212,7 @@ def test_nnx_optimizer_records_the_clipping_state():
   np.testing.assert_allclose(clip_state.norm[...], opt_state[0].norm, rtol=1e-6)
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-    nnx.as_pure(nnx.state(model, nnx.Param)),
+    as_pure(nnx.state(model, nnx.Param)),
     params,
   )
 
@@ -224,10 +230,10 @@ def test_nnx_optimizer_forwards_the_loss():
   for _ in range(6):
     loss = step(model, optimizer, 1.0)
     assert float(optimizer.opt_state.loss[...]) == float(loss)
-  before = nnx.as_pure(nnx.state(model, nnx.Param))
+  before = as_pure(nnx.state(model, nnx.Param))
   loss = step(model, optimizer, 100.0)
   assert bool(optimizer.opt_state.skipped[...])
   assert int(optimizer.opt_state.total_skipped[...]) == 1
   assert float(optimizer.opt_state.loss[...]) == float(loss)
   assert int(optimizer.step[...]) == 7
-  _assert_trees_equal(nnx.as_pure(nnx.state(model, nnx.Param)), before)
+  _assert_trees_equal(as_pure(nnx.state(model, nnx.Param)), before)
