@@ -148,3 +148,202 @@ def test_keras_zero_disables_and_extra_args():
   np.testing.assert_array_equal(tx.update(g, tx.init(g))[0]["w"], g["w"])
   tx = ckeras.with_clipping(optax.identity(), clipvalue=1.0)
   np.testing.assert_array_equal(tx.update(g, tx.init(g), g, value=1.0)[0]["w"], [1.0, 1.0])
+
+
+# Cases of TensorFlow's own tests (tensorflow/python/kernel_tests/math_ops/
+# clip_ops_test.py), with TensorFlow's expected values. IndexedSlices and
+# clip_by_average_norm have no counterpart here and are left out.
+
+TF_INT_AND_FLOAT = [jnp.float16, jnp.float32, jnp.bfloat16, jnp.int16, jnp.int32, jnp.uint8]
+
+
+def test_tf_clip_by_value_cases():
+  x = jnp.array([[-5.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+  np.testing.assert_allclose(ctf.clip_by_value(x, -4.4, 4.4), [[-4.4, 2, 3], [4, 4.4, 4.4]])
+  nonfinite = ctf.clip_by_value(jnp.array([np.nan, np.inf, -np.inf]), -4.0, 4.0)
+  np.testing.assert_array_equal(nonfinite, [np.nan, 4.0, -4.0])
+
+
+@pytest.mark.parametrize("dtype", TF_INT_AND_FLOAT)
+def test_tf_clip_by_value_scalar_and_tensor_bounds(dtype):
+  x = jnp.arange(1, 7).reshape(2, 3).astype(dtype)
+
+  def t(*values):  # a bound of x's shape and dtype
+    return jnp.array(values).reshape(2, 3).astype(dtype)
+
+  cases = [
+    (2, 4, [[2, 2, 3], [4, 4, 4]]),
+    (t(2, 2, 2, 3, 3, 3), 4, [[2, 2, 3], [4, 4, 4]]),
+    (4, t(6, 6, 6, 6, 6, 6), [[4, 4, 4], [4, 5, 6]]),
+    (t(2, 2, 2, 5, 5, 5), t(5, 5, 5, 7, 7, 7), [[2, 2, 3], [5, 5, 6]]),
+  ]
+  for lo, hi, want in cases:
+    got = ctf.clip_by_value(x, lo, hi)
+    assert got.dtype == jnp.dtype(dtype)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), want)
+
+
+def test_tf_clip_by_value_bad_shapes():
+  x = jnp.arange(6.0).reshape(2, 3, 1)
+  clip = jnp.array([1.0, 2.0])  # broadcasting would make the result (2, 3, 2)
+  with pytest.raises(ValueError, match=r"`clip_value_max` has shape \(2,\).*\(2, 3, 1\)"):
+    ctf.clip_by_value(x, -clip, clip)
+  with pytest.raises(ValueError, match="clip_value_min"):
+    ctf.clip_by_value(x, clip, 10.0)
+  with pytest.raises(ValueError, match=r"\(3, 2\)"):  # a larger bound
+    ctf.clip_by_value(jnp.ones(2), -1.0, jnp.ones((3, 2)))
+  with pytest.raises(ValueError, match=r"\(1, 2, 3\)"):  # one more axis
+    ctf.clip_by_value(jnp.ones((2, 3)), -1.0, jnp.ones((1, 2, 3)))
+  with pytest.raises(ValueError, match=r"\(4,\)"):  # not broadcastable at all
+    ctf.clip_by_value(jnp.ones((2, 3)), -1.0, jnp.ones(4))
+  # Bounds that broadcast without changing the shape are fine.
+  got = ctf.clip_by_value([[-1.0, 0.0, 10.0], [-1.0, 0.0, 10.0]], [[2.0], [1.0]], 100.0)
+  np.testing.assert_array_equal(got, [[2, 2, 10], [1, 1, 10]])
+  assert ctf.clip_by_value(jnp.ones((2, 3)), -1.0, jnp.array([0.5, 1.5, 2.0])).shape == (2, 3)
+
+
+def test_tf_clip_by_value_empty_and_gradient():
+  empty = jnp.zeros((7, 0))
+  for lo, hi in [(empty, empty), (1.0, 1.0), (empty, 1.0), (1.0, empty)]:
+    assert ctf.clip_by_value(empty, lo, hi).shape == (7, 0)
+  for lo, hi in [(0.5, 3.5), (jnp.full(4, 0.5), jnp.full(4, 3.5))]:
+    grad = jax.grad(lambda x, lo=lo, hi=hi: ctf.clip_by_value(x, lo, hi).sum())
+    np.testing.assert_array_equal(grad(jnp.array([1.0, 2.0, 3.0, 4.0])), [1, 1, 1, 0])
+
+
+def test_tf_clip_by_value_converts_like_tensorflow():
+  got = ctf.clip_by_value([-3.0, 0.5, 3.0], -1.0, 1.0)  # a list of floats: float32
+  assert got.dtype == jnp.float32 and not got.weak_type
+  np.testing.assert_array_equal(got, [-1, 0.5, 1])
+  got = ctf.clip_by_value([-3, 0, 3], -1, 1)  # a list of ints: int32
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, [-1, 0, 1])
+  assert ctf.clip_by_value(3.0, -1.0, 1.0).shape == ()
+  # TensorFlow cannot convert a Python float to an integer tensor's dtype.
+  with pytest.raises(TypeError, match="clip_value_min.*int32"):
+    ctf.clip_by_value([-3, 0, 3], -1.5, 1)
+  with pytest.raises(TypeError, match="clip_value_max"):
+    ctf.clip_by_value(jnp.arange(3), -1, [1.0, 1.0, 1.0])
+  # A NumPy float bound is cast, as in TensorFlow.
+  np.testing.assert_array_equal(ctf.clip_by_value([-3, 0, 3], np.float32(-1.5), 1), [-1, 0, 1])
+  with pytest.raises(ValueError, match="not rectangular"):
+    ctf.clip_by_value([[1.0], [2.0, 3.0]], 0.0, 1.0)
+  with pytest.raises(TypeError, match="complex"):
+    ctf.clip_by_value(jnp.array([1 + 1j]), 0, 1)
+
+
+def test_tf_clip_by_norm_cases():
+  x = jnp.array([[-3.0, 0.0, 0.0], [4.0, 0.0, 0.0]])  # norm 5
+  clipped = [[-2.4, 0, 0], [3.2, 0, 0]]
+  np.testing.assert_allclose(ctf.clip_by_norm(x, 4.0), clipped, rtol=1e-6)
+  np.testing.assert_allclose(ctf.clip_by_norm(x, jnp.array(4.0)), clipped, rtol=1e-6)
+  np.testing.assert_allclose(ctf.clip_by_norm(x, 6.0), x, rtol=1e-6)  # not clipped
+  np.testing.assert_array_equal(ctf.clip_by_norm(jnp.zeros((2, 3)), 6.0), jnp.zeros((2, 3)))
+  y = jnp.array([[-3.0, 0.0, 0.0], [4.0, 0.0, 3.0]])
+  np.testing.assert_allclose(ctf.clip_by_norm(y, 4.0, [0]), [[-2.4, 0, 0], [3.2, 0, 3]], rtol=1e-6)
+  np.testing.assert_allclose(ctf.clip_by_norm(y, 4.0, [1]), [[-3, 0, 0], [3.2, 0, 2.4]], rtol=1e-6)
+  np.testing.assert_allclose(ctf.clip_by_norm(y, 6.0, [1]), y, rtol=1e-6)
+  # The gradient at zero is finite (TensorFlow's two-sided `where`).
+  grad = jax.grad(lambda x: ctf.clip_by_norm(x, 1.0).sum())(jnp.zeros(3))
+  np.testing.assert_array_equal(grad, [1, 1, 1])
+
+
+def test_tf_clip_by_norm_shapes_and_conversion():
+  with pytest.raises(ValueError, match=r"`clip_norm` has shape \(2,\).*\(2, 3, 1\)"):
+    ctf.clip_by_norm(jnp.ones((2, 3, 1)), jnp.array([1.0, 2.0]))
+  with pytest.raises(ValueError, match="clip_norm"):
+    ctf.clip_by_norm(jnp.ones((2, 3)), [1.0, 2.0, 3.0, 4.0])
+  # A threshold of a shape that broadcasts to t's: one threshold per column.
+  t = [[3.0, 4.0, 0.0], [0.0, 1.0, 2.0]]
+  got = ctf.clip_by_norm(t, [1.0, 2.0, 3.0])
+  norm = math.sqrt(30)
+  np.testing.assert_allclose(got, np.array(t) * [1, 2, 3] / [norm, norm, norm], rtol=1e-6)
+  np.testing.assert_allclose(ctf.clip_by_norm([3.0, 4.0], 1.0), [0.6, 0.8], rtol=1e-6)
+  assert float(ctf.clip_by_norm(5.0, 1.0)) == 1.0
+  with pytest.raises(TypeError, match="floating-point"):
+    ctf.clip_by_norm([3, 4], 1.0)
+
+
+def _tf_x0_x1():
+  x0 = jnp.array([[-2.0, 0.0, 0.0], [4.0, 0.0, 0.0]])
+  x1 = jnp.array([1.0, -2.0])  # global norm of x0 and x1: sqrt(4 + 16 + 1 + 4) = 5
+  return x0, x1
+
+
+def test_tf_clip_by_global_norm_cases():
+  x0, x1 = _tf_x0_x1()
+  want = [[[-1.6, 0, 0], [3.2, 0, 0]], [0.8, -1.6]]  # scaled by 4 / 5
+  for t_list in ([x0, x1], (x0, x1)):
+    for clip_norm in (4.0, jnp.array(4.0)):
+      clipped, norm = ctf.clip_by_global_norm(t_list, clip_norm)
+      assert isinstance(clipped, list)  # a list, as TensorFlow returns
+      np.testing.assert_allclose(norm, 5.0, rtol=1e-6)
+      for c, w in zip(clipped, want):
+        np.testing.assert_allclose(c, w, rtol=1e-6)
+  clipped, norm = ctf.clip_by_global_norm((x0, None, x1, None), 4.0)
+  assert clipped[1] is None and clipped[3] is None
+  np.testing.assert_allclose(clipped[2], want[1], rtol=1e-6)
+  clipped, norm = ctf.clip_by_global_norm([x0, x1], 6.0)  # not clipped
+  np.testing.assert_allclose(clipped[0], x0, rtol=1e-6)
+  np.testing.assert_allclose(norm, 5.0, rtol=1e-6)
+  clipped, norm = ctf.clip_by_global_norm([jnp.zeros((2, 3)), jnp.zeros(2)], 6.0)
+  assert float(norm) == 0.0 and not np.any(np.asarray(clipped[0]))
+  x0_inf = x0.at[0, 2].set(np.inf)  # an inf global norm: every output NaN
+  clipped, norm = ctf.clip_by_global_norm([x0_inf, x1], 6.0)
+  assert float(norm) == np.inf
+  assert np.all(np.isnan(clipped[0])) and np.all(np.isnan(clipped[1]))
+
+
+def test_tf_global_norm_converts_like_tensorflow():
+  # Each element of t_list is one tensor: [[3, 4]] is one of shape (2,).
+  for t_list in ([[3.0, 4.0]], [3.0, 4.0], ([3.0], [4.0]), [[3.0], 4.0, None]):
+    norm = ctf.global_norm(t_list)
+    assert norm.dtype == jnp.float32 and not norm.weak_type and float(norm) == 5.0
+  clipped, _ = ctf.clip_by_global_norm([[3.0, 4.0]], 1.0)
+  assert len(clipped) == 1 and clipped[0].shape == (2,)
+  clipped, _ = ctf.clip_by_global_norm([[3.0], 4.0, None], 1.0)
+  assert [None if c is None else c.shape for c in clipped] == [(1,), (), None]
+  np.testing.assert_allclose(ctf.global_norm([[[1.0, 2.0], [3.0, 4.0]]]), math.sqrt(30))
+  assert float(ctf.global_norm([[]])) == 0.0
+  # A list of arrays is packed into one tensor, as TensorFlow packs it.
+  clipped, _ = ctf.clip_by_global_norm([[jnp.array([3.0]), jnp.array([4.0])]], 1.0)
+  assert clipped[0].shape == (2, 1)
+  with pytest.raises(ValueError, match=r"t_list\[0\].*not rectangular"):
+    ctf.global_norm([[[1.0], [2.0, 3.0]]])
+  with pytest.raises(ValueError, match="not rectangular"):
+    ctf.global_norm([[jnp.ones(2), jnp.ones(3)]])
+  # TensorFlow's l2_loss takes floating tensors only.
+  for bad in ([[3, 4]], [jnp.ones(2), jnp.arange(3)], [[True]]):
+    with pytest.raises(TypeError, match="TensorFlow's global norm"):
+      ctf.global_norm(bad)
+  with pytest.raises(TypeError, match="pytree"):
+    ctf.global_norm([{"a": jnp.ones(2)}])
+  # With a given norm nothing is measured: an integer tensor is scaled by the
+  # scale cast to its dtype (0 here), as in TensorFlow.
+  clipped, norm = ctf.clip_by_global_norm([[3, 4]], 1.0, use_norm=5.0)
+  assert clipped[0].dtype == jnp.int32 and not np.any(np.asarray(clipped[0]))
+  assert norm.dtype == jnp.float32 and not norm.weak_type
+
+
+def test_tf_pytrees_and_transforms_keep_structure():
+  # A dict (not accepted by TensorFlow) is walked as a pytree; Python numbers
+  # in it are converted one by one, integer leaves pass through.
+  clipped, norm = ctf.clip_by_global_norm({"a": [3.0, 4.0], "n": 3}, 1.0)
+  assert float(norm) == 5.0 and int(clipped["n"]) == 3
+  np.testing.assert_allclose([clipped["a"][0], clipped["a"][1]], [0.6, 0.8], rtol=1e-6)
+  with pytest.raises(TypeError, match="complex"):
+    ctf.global_norm({"z": jnp.array([1 + 1j])})
+  # The transforms keep the structure of the updates, tuples included.
+  updates = (jnp.array([3.0]), jnp.array([4.0]), jnp.arange(2))
+  for tx in (
+    ctf.clip_by_global_norm_transform(1.0),
+    ctf.clip_by_norm_transform(1.0),
+    ctf.clip_by_value_transform(-1.0, 1.0),
+  ):
+    out, _ = tx.update(updates, tx.init(updates))
+    assert isinstance(out, tuple) and len(out) == 3
+    np.testing.assert_array_equal(out[2], [0, 1])
+    assert float(out[0][0]) < 3
+  tx = ctf.clip_by_global_norm_transform(1.0)
+  out, _ = tx.update({"w": [3.0, 4.0]}, tx.init(None))
+  np.testing.assert_allclose([out["w"][0], out["w"][1]], [0.6, 0.8], rtol=1e-6)

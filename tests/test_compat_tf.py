@@ -177,3 +177,153 @@ def test_worked_examples():
   assert_ulp(got_norm, _np(want_norm), 0)
   for g, w in zip(got, want):
     assert_ulp(g, _np(w), 0)
+
+
+def _both_raise(fn_tf, fn_ours, ours_error):
+  """TensorFlow raises (any error) and jaxclip raises `ours_error`."""
+  with pytest.raises((ValueError, TypeError, tf.errors.InvalidArgumentError)):
+    fn_tf()
+  with pytest.raises(ours_error):
+    fn_ours()
+
+
+@pytest.mark.parametrize(
+  "t_shape, bound_shape",
+  [
+    ((2, 3, 1), (2,)),  # clip_ops_test: broadcasting would give (2, 3, 2)
+    ((2,), (3, 2)),  # a larger bound
+    ((2, 3), (1, 2, 3)),  # one more axis
+    ((2, 3), (1, 1, 2)),  # not broadcastable at all
+    ((2, 3), (4,)),
+  ],
+)
+def test_clip_by_value_bad_shapes_raise_like_tensorflow(t_shape, bound_shape):
+  t, bound = np.ones(t_shape, np.float32), np.full(bound_shape, 0.5, np.float32)
+  for lo, hi in [(-bound, bound), (-1.0, bound), (bound, 10.0)]:
+    _both_raise(
+      lambda lo=lo, hi=hi: tf.clip_by_value(_tf(t), lo, hi),
+      lambda lo=lo, hi=hi: ctf.clip_by_value(t, lo, hi),
+      ValueError,
+    )
+  _both_raise(
+    lambda: tf.clip_by_norm(_tf(t), bound), lambda: ctf.clip_by_norm(t, bound), ValueError
+  )
+
+
+@pytest.mark.parametrize("t_shape, bound_shape", [((2, 3), (2, 1)), ((2, 3), (3,)), ((2, 3), ())])
+def test_broadcastable_bounds_match_tensorflow(t_shape, bound_shape):
+  (t,) = random_tensors(7, [t_shape], np.float32, scale=2.0)
+  bound = np.abs(random_tensors(8, [bound_shape], np.float32)[0]) + 0.5
+  want = _np(tf.clip_by_value(_tf(t), -bound, bound))
+  assert_ulp(ctf.clip_by_value(t, -bound, bound), want, 0)
+  want = _np(tf.clip_by_norm(_tf(t), bound, axes=[1]))
+  assert_ulp(ctf.clip_by_norm(t, bound, axes=[1]), want, NORM_MAXULP[np.dtype(np.float32)])
+
+
+@pytest.mark.parametrize(
+  "t_list",
+  [
+    [[3.0, 4.0]],
+    [3.0, 4.0],
+    ([3.0], [4.0]),
+    [[3.0], 4.0, None],
+    [[[1.0, 2.0], [3.0, 4.0]], [0.5]],
+    [[1, 2.5]],  # ints and floats: float32
+    [[]],
+    [None],
+  ],
+)
+def test_nested_lists_match_tensorflow(t_list):
+  assert_ulp(ctf.global_norm(t_list), _np(tf.linalg.global_norm(t_list)))
+  for c in (1.0, 100.0):
+    want, want_norm = tf.clip_by_global_norm(t_list, c)
+    got, got_norm = ctf.clip_by_global_norm(t_list, c)
+    assert isinstance(got, list) and len(got) == len(want)
+    assert_ulp(got_norm, _np(want_norm))
+    for g, w in zip(got, want):
+      assert (g is None) == (w is None)
+      if w is not None:
+        assert_ulp(g, _np(w))
+
+
+@pytest.mark.parametrize(
+  "t_list, error",
+  [
+    ([[3, 4]], TypeError),  # int32: tf.nn.l2_loss raises
+    ([[True]], TypeError),
+    ([[[1.0], [2.0, 3.0]]], ValueError),  # ragged
+    ([[1.0, [2.0]]], ValueError),  # mixed nesting
+    ([np.ones(2, np.float32), np.ones(2, np.float16)], TypeError),  # mixed dtypes
+  ],
+)
+def test_bad_lists_raise_like_tensorflow(t_list, error):
+  _both_raise(lambda: tf.linalg.global_norm(t_list), lambda: ctf.global_norm(t_list), error)
+  _both_raise(
+    lambda: tf.clip_by_global_norm(t_list, 1.0),
+    lambda: ctf.clip_by_global_norm(t_list, 1.0),
+    error,
+  )
+
+
+def test_use_norm_with_integer_tensor_matches_tensorflow():
+  want, _ = tf.clip_by_global_norm([[3, 4], [1.0]], 1.0, use_norm=tf.constant(5.0))
+  got, _ = ctf.clip_by_global_norm([[3, 4], [1.0]], 1.0, use_norm=5.0)
+  for g, w in zip(got, want):
+    assert g.dtype == w.dtype.as_numpy_dtype
+    np.testing.assert_array_equal(g, w.numpy())
+
+
+@pytest.mark.parametrize(
+  "t, lo, hi",
+  [
+    ([-3.0, 0.5, 3.0], -1.0, 1.0),
+    (3.0, -1.0, 1.0),
+    ([-3, 0, 3], -1, 1),  # int32
+    ([[1, 2, 3], [4, 5, 6]], [[2, 2, 2], [3, 3, 3]], 4),
+    ([-3, 0, 3], np.float32(-1.5), 1),  # a NumPy float bound is cast
+    ([-3.0, 0.0, 3.0], -1, 1),  # int bounds, float t
+    ([[-1.0, 0.0, 10.0], [-1.0, 0.0, 10.0]], [[2.0], [1.0]], 100.0),
+  ],
+)
+def test_clip_by_value_conversion_matches_tensorflow(t, lo, hi):
+  want = _np(tf.clip_by_value(t, lo, hi))
+  got = np.asarray(ctf.clip_by_value(t, lo, hi))
+  assert got.dtype == want.dtype and got.shape == want.shape
+  np.testing.assert_array_equal(got, want)
+
+
+def test_clip_by_value_float_bound_on_integers_raises_like_tensorflow():
+  for lo, hi in [(-1.5, 1), (-1, 1.5), (-1.0, 1), ([-1.5, 0.0, 0.0], 1)]:
+    _both_raise(
+      lambda lo=lo, hi=hi: tf.clip_by_value([-3, 0, 3], lo, hi),
+      lambda lo=lo, hi=hi: ctf.clip_by_value([-3, 0, 3], lo, hi),
+      TypeError,
+    )
+
+
+@pytest.mark.parametrize(
+  "dtype", [np.float16, np.float32, jnp.bfloat16, np.int16, np.int32, np.uint8]
+)
+def test_clip_ops_test_value_cases_match_tensorflow(dtype):
+  # The inputs of TensorFlow's testClipByValue{0,1,2,3}Type.
+  x = np.arange(1, 7).reshape(2, 3).astype(dtype)
+  tfx = tf.constant(x.astype(np.float32)) if dtype == jnp.bfloat16 else tf.constant(x)
+  tfx = tf.cast(tfx, tf.bfloat16) if dtype == jnp.bfloat16 else tfx
+
+  def both(*values):
+    a = np.array(values).reshape(2, 3).astype(dtype)
+    return a, tf.cast(tf.constant(a.astype(np.float32)), tfx.dtype)
+
+  lo1, tf_lo1 = both(2, 2, 2, 3, 3, 3)
+  hi2, tf_hi2 = both(6, 6, 6, 6, 6, 6)
+  lo3, tf_lo3 = both(2, 2, 2, 5, 5, 5)
+  hi3, tf_hi3 = both(5, 5, 5, 7, 7, 7)
+  for (lo, hi), (tlo, thi) in [
+    ((2, 4), (2, 4)),
+    ((lo1, 4), (tf_lo1, 4)),
+    ((4, hi2), (4, tf_hi2)),
+    ((lo3, hi3), (tf_lo3, tf_hi3)),
+  ]:
+    want = tf.clip_by_value(tfx, tlo, thi)
+    got = ctf.clip_by_value(x, lo, hi)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), tf.cast(want, tf.float32).numpy())

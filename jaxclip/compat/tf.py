@@ -20,6 +20,12 @@ behaviour at the edges:
   and a negative `clip_norm` gives scale 1 (no clipping at all). An inf or
   NaN global norm turns every output NaN.
 
+Inputs are converted as ``tf.convert_to_tensor`` converts them: a Python
+float, or a (nested) list of them, becomes a float32 array, a list of ints an
+int32 array, and each element of `t_list` one array (``[[3.0, 4.0]]`` is one
+tensor of shape (2,), ``[3.0, 4.0]`` two scalars). Bounds and thresholds must
+broadcast to the tensor without changing its shape, as TensorFlow requires.
+
 The jaxclip transforms (`jaxclip.clip_by_global_norm` etc.) avoid these
 pitfalls; use this module when bit-level agreement with a TensorFlow model
 matters more. See ``docs/porting.md`` for a side-by-side comparison.
@@ -36,7 +42,8 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxclip import _base, _validate
+from jaxclip import _validate
+from jaxclip.compat import _tree
 
 __all__ = [
   "clip_by_global_norm",
@@ -48,15 +55,127 @@ __all__ = [
   "global_norm",
 ]
 
+# The dtypes `tf.nn.l2_loss` (and so `tf.linalg.global_norm`) accepts.
+_L2_LOSS_DTYPES = "float16, bfloat16, float32 or float64"
 
-def _floating(t: jax.typing.ArrayLike, name: str) -> jax.Array:
-  t = jnp.asarray(t)
+
+def _python_leaves(x: Any) -> list[Any] | None:
+  """The leaves of a Python number or nested list/tuple of Python numbers.
+
+  None if `x` holds anything else (an array, say).
+  """
+  if isinstance(x, list | tuple):
+    leaves: list[Any] = []
+    for item in x:
+      sub = _python_leaves(item)
+      if sub is None:
+        return None
+      leaves.extend(sub)
+    return leaves
+  return [x] if _tree.is_python_number(x) else None
+
+
+def _python_dtype(leaves: list[Any]) -> type:
+  """The dtype TensorFlow infers for Python numbers: float32, int32, bool."""
+  if any(isinstance(v, complex) for v in leaves):
+    return np.complex64
+  if any(isinstance(v, float) for v in leaves) or not leaves:
+    return np.float32
+  if all(isinstance(v, bool) for v in leaves):
+    return np.bool_
+  return np.int32
+
+
+def _convert(x: Any, name: str) -> jax.Array:
+  """``tf.convert_to_tensor(x)`` as a jax array.
+
+  Arrays keep their dtype. Python numbers and nested lists of them get
+  TensorFlow's dtypes (float32 for floats, int32 for ints, bool); a list that
+  holds arrays is packed into one array, as TensorFlow packs it.
+  """
+  if isinstance(x, jax.Array | np.ndarray | np.generic):
+    return jnp.asarray(x)
+  if x is None:
+    raise ValueError(
+      f"`{name}` is None, which TensorFlow cannot convert to a tensor either."
+      " Pass a number or an array."
+    )
+  if not (_tree.is_python_number(x) or isinstance(x, list | tuple)):
+    raise TypeError(
+      f"`{name}` must be an array, a number or a (nested) list of numbers, got"
+      f" {type(x).__name__}: TensorFlow converts it with tf.convert_to_tensor."
+      " To clip a dict or another pytree, pass it as `t_list` itself."
+    )
+  leaves = _python_leaves(x)
+  try:
+    if leaves is not None:
+      return jnp.asarray(np.array(x, dtype=_python_dtype(leaves)))
+    return jnp.asarray(x)
+  except (TypeError, ValueError):
+    raise ValueError(
+      f"`{name}` is a nested sequence that is not rectangular (rows of"
+      " different lengths, or arrays of different shapes), which TensorFlow"
+      " cannot convert to one tensor either (\"Can't convert non-rectangular"
+      ' Python sequence to Tensor"). Pass its parts as separate elements, or'
+      " pad them to one shape."
+    ) from None
+
+
+def _convert_numbers(tree: Any) -> Any:
+  """`tree` with every Python-number leaf converted as TensorFlow does."""
+  return jax.tree.map(lambda x: _convert(x, "leaf") if _tree.is_python_number(x) else x, tree)
+
+
+def _tensors(t_list: Any) -> tuple[Any, bool]:
+  """`t_list` converted: ``(tensors, is_sequence)``.
+
+  A list or tuple is what TensorFlow takes: each element is converted to one
+  array (`None` is kept). Any other pytree (a dict, a model's parameter tree)
+  is walked as a pytree, with Python-number leaves converted one by one.
+  """
+  if isinstance(t_list, list | tuple):
+    return [None if t is None else _convert(t, f"t_list[{i}]") for i, t in enumerate(t_list)], True
+  return _convert_numbers(t_list), False
+
+
+def _floating(t: jax.Array, name: str) -> jax.Array:
   if not jnp.issubdtype(t.dtype, jnp.floating):
     raise TypeError(
       f"`{name}` must be a floating-point array, got dtype {t.dtype}. Cast it"
-      " first, e.g. `t.astype(jnp.float32)`."
+      " first, e.g. `t.astype(jnp.float32)` (write `[3.0, 4.0]`, not `[3, 4]`)."
     )
   return t
+
+
+def _check_shape(name: str, shape: tuple[int, ...], t_shape: tuple[int, ...]) -> None:
+  """TensorFlow's check that `name` broadcasts to `t` without changing it."""
+  try:
+    out = np.broadcast_shapes(tuple(t_shape), tuple(shape))
+  except ValueError:
+    out = None
+  if out != tuple(t_shape):
+    raise ValueError(
+      f"`{name}` has shape {tuple(shape)}, which does not broadcast to the"
+      f" shape {tuple(t_shape)} of `t` without changing it; TensorFlow raises"
+      " too. Pass a scalar or an array whose shape broadcasts to"
+      f" {tuple(t_shape)}, e.g. {tuple(t_shape)} itself."
+    )
+
+
+def _bound(value: Any, name: str, t: jax.Array) -> jax.Array:
+  """A `clip_by_value` bound: converted, shape-checked, cast to t's dtype."""
+  if jnp.issubdtype(t.dtype, jnp.integer):
+    leaves = _python_leaves(value)
+    if leaves is not None and any(isinstance(v, float | complex) for v in leaves):
+      raise TypeError(
+        f"`{name}` is the Python number (or list) {value!r}, which TensorFlow"
+        f' cannot convert to the integer dtype {t.dtype} of `t` ("Cannot'
+        f' convert {value!r} to EagerTensor of dtype {t.dtype}"). Cast `t` to'
+        " a floating dtype first, or pass integer bounds."
+      )
+  bound = _convert(value, name)
+  _check_shape(name, bound.shape, t.shape)
+  return bound.astype(t.dtype)
 
 
 def clip_by_value(
@@ -66,31 +185,52 @@ def clip_by_value(
 ) -> jax.Array:
   """`tf.clip_by_value`: ``max(min(t, clip_value_max), clip_value_min)``.
 
-  The bounds are cast to the dtype of `t`. NaN entries stay NaN. As in
-  TensorFlow, the bounds are not checked: with ``clip_value_min >
-  clip_value_max`` every entry becomes `clip_value_min`.
+  `t` is converted as TensorFlow converts it (a list of floats becomes a
+  float32 array, a list of ints an int32 array); the bounds are cast to its
+  dtype. Each bound is a scalar or an array that broadcasts to the shape of
+  `t` *without changing it*: TensorFlow refuses a bound that would make the
+  result larger than `t`, and so does this function. NaN entries stay NaN. As
+  in TensorFlow, the bounds are not checked against each other: with
+  ``clip_value_min > clip_value_max`` every entry becomes `clip_value_min`.
 
   Args:
-    t: An array.
-    clip_value_min: Lower bound, a scalar or an array broadcastable to `t`.
+    t: An array of real numbers (floating or integer), or a (nested) list of
+      numbers.
+    clip_value_min: Lower bound, a scalar or an array broadcastable to `t`'s
+      shape.
     clip_value_max: Upper bound, likewise.
 
   Returns:
     An array of the shape and dtype of `t`.
+
+  Raises:
+    ValueError: If a bound does not broadcast to `t`'s shape without changing
+      it, or `t` is a ragged nested list.
+    TypeError: If `t` is complex or boolean, or if `t` is an integer array and
+      a bound is a Python float (TensorFlow raises too).
 
   Examples:
     >>> import jax.numpy as jnp
     >>> from jaxclip.compat import tf
     >>> tf.clip_by_value(jnp.array([-10.0, -1.0, 0.5, 10.0]), -1, 1)
     Array([-1. , -1. ,  0.5,  1. ], dtype=float32)
+    >>> tf.clip_by_value([[-1.0, 0.0, 10.0], [-1.0, 0.0, 10.0]], [[2.0], [1.0]], 100.0)
+    Array([[ 2.,  2., 10.],
+           [ 1.,  1., 10.]], dtype=float32)
 
   References:
     TensorFlow, [tf.clip_by_value](https://www.tensorflow.org/api_docs/python/tf/clip_by_value).
   """
-  t = jnp.asarray(t)
-  lo = jnp.asarray(clip_value_min).astype(t.dtype)
-  hi = jnp.asarray(clip_value_max).astype(t.dtype)
-  return jnp.maximum(jnp.minimum(t, hi), lo)
+  values = _convert(t, "t")
+  if values.dtype == jnp.bool_ or jnp.issubdtype(values.dtype, jnp.complexfloating):
+    raise TypeError(
+      f"`t` has dtype {values.dtype}; TensorFlow's clip_by_value takes real"
+      " numbers (floating or integer) only. Cast it first, e.g."
+      " `t.astype(jnp.float32)`."
+    )
+  hi = _bound(clip_value_max, "clip_value_max", values)
+  lo = _bound(clip_value_min, "clip_value_min", values)
+  return jnp.maximum(jnp.minimum(values, hi), lo)
 
 
 def clip_by_norm(
@@ -107,9 +247,15 @@ def clip_by_norm(
   TensorFlow. Because the formula divides, a tensor below the threshold comes
   back as ``t * c / c``, which is `t` up to rounding.
 
+  `clip_norm` is normally a scalar. As in TensorFlow, it may also be an array
+  that broadcasts to the shape of `t` without changing it (each entry is then
+  divided by ``max(l2norm, clip_norm)`` with its own `clip_norm`); any other
+  shape raises.
+
   Args:
-    t: A floating-point array.
-    clip_norm: The largest allowed norm, a scalar.
+    t: A floating-point array, or a (nested) list of floats.
+    clip_norm: The largest allowed norm: a scalar, or an array broadcastable
+      to `t`'s shape.
     axes: Axes to compute the norm over (each slice is clipped on its own),
       or None for the whole array.
 
@@ -118,29 +264,29 @@ def clip_by_norm(
 
   Raises:
     TypeError: If `t` is not floating-point.
-    ValueError: If `clip_norm` is not a scalar.
+    ValueError: If `clip_norm` does not broadcast to `t`'s shape without
+      changing it.
 
   Examples:
     >>> import jax.numpy as jnp
     >>> from jaxclip.compat import tf
     >>> tf.clip_by_norm(jnp.array([-2.0, 3.0, 6.0]), 5.0)  # norm 7: * 5 / 7
     Array([-1.4285715,  2.142857 ,  4.285714 ], dtype=float32)
+    >>> tf.clip_by_norm([[-3.0, 0.0, 0.0], [4.0, 0.0, 3.0]], 4.0, axes=[1])
+    Array([[-3. ,  0. ,  0. ],
+           [ 3.2,  0. ,  2.4]], dtype=float32)
 
   References:
     TensorFlow, [tf.clip_by_norm](https://www.tensorflow.org/api_docs/python/tf/clip_by_norm).
   """
-  values = _floating(t, "t")
+  values = _floating(_convert(t, "t"), "t")
   if np.isscalar(clip_norm):
     # TensorFlow clamps Python and NumPy scalars in Python, before converting.
-    clip_norm = max(clip_norm, 0)  # type: ignore[call-overload]
-  elif jnp.ndim(clip_norm) != 0:
-    raise ValueError(
-      f"`clip_norm` must be a scalar, got shape {jnp.shape(clip_norm)}. To"
-      " clip slices separately, pass `axes=`."
-    )
+    c = jnp.asarray(max(clip_norm, 0)).astype(values.dtype)  # type: ignore[call-overload]
   else:
-    clip_norm = jnp.maximum(clip_norm, 0)
-  c = jnp.asarray(clip_norm).astype(values.dtype)
+    c_arr = _convert(clip_norm, "clip_norm")
+    _check_shape("clip_norm", c_arr.shape, values.shape)
+    c = jnp.maximum(c_arr, 0).astype(values.dtype)
   axis = _validate.check_axis(axes, "axes")
   l2sum = jnp.sum(values * values, axis=axis, keepdims=True)
   pred = l2sum > 0
@@ -161,7 +307,8 @@ def _divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
   return numerator / lax.optimization_barrier(denominator)
 
 
-def _dtype_of_leaves(leaves: Sequence[jax.Array]) -> jnp.dtype:
+def _norm_of(leaves: Sequence[jax.Array]) -> jax.Array:
+  """TensorFlow's global norm of floating arrays of one dtype."""
   dtypes = {x.dtype for x in leaves}
   if len(dtypes) > 1:
     names = ", ".join(sorted(str(d) for d in dtypes))
@@ -170,45 +317,98 @@ def _dtype_of_leaves(leaves: Sequence[jax.Array]) -> jnp.dtype:
       " Cast them to one dtype first, or use `jaxclip.global_norm`, which"
       " mixes dtypes and accumulates in float32."
     )
-  return dtypes.pop() if dtypes else jnp.dtype(jnp.float32)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  dtype = dtypes.pop()
+  half_squared = [jnp.sum(x * x * jnp.asarray(0.5, x.dtype)) for x in leaves]
+  total = jnp.sum(jnp.stack(half_squared))
+  return jnp.sqrt(total * jnp.asarray(2.0, dtype))
+
+
+def _global_norm(tensors: Any, is_sequence: bool) -> jax.Array:
+  if is_sequence:
+    for i, x in enumerate(tensors):
+      if x is not None and not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+          f"`t_list[{i}]` has dtype {x.dtype}, but TensorFlow's global norm"
+          f" (tf.nn.l2_loss) takes {_L2_LOSS_DTYPES} tensors only and raises"
+          " for it too. Cast it first, e.g. `x.astype(jnp.float32)` (write"
+          " `[3.0, 4.0]`, not `[3, 4]`)."
+        )
+    return _norm_of([x for x in tensors if x is not None])
+  leaves = _tree.inexact_leaves(tensors)
+  for x in leaves:
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+      raise TypeError(
+        f"A leaf has the complex dtype {x.dtype}, but TensorFlow's global norm"
+        f" takes {_L2_LOSS_DTYPES} tensors only. Use `jaxclip.global_norm`,"
+        " which measures complex leaves by their modulus."
+      )
+  return _norm_of(leaves)
 
 
 def global_norm(t_list: Any) -> jax.Array:
   """`tf.linalg.global_norm`: ``sqrt(sum(l2norm(t)**2 for t in t_list))``.
 
   Computed as TensorFlow does: half sums of squares (``tf.nn.l2_loss``) per
-  tensor, in the tensors' own dtype, summed, doubled and square-rooted.
-  `None` entries are ignored, and so are integer leaves. An empty list has
-  norm 0 (float32).
+  tensor, in the tensors' own dtype, summed, doubled and square-rooted. An
+  empty list has norm 0 (float32).
+
+  As in TensorFlow, each element of a list or tuple `t_list` is converted to
+  one array: ``[[3.0, 4.0]]`` is one tensor, ``[3.0, 4.0]`` two scalars (both
+  have norm 5); `None` elements are ignored, and an integer element raises. A
+  dict or any other pytree (not accepted by TensorFlow) is walked leaf by
+  leaf instead, and its integer leaves are ignored.
 
   Args:
-    t_list: A list (or any pytree) of floating-point arrays of one dtype, with
-      `None` entries allowed.
+    t_list: A list or tuple of floating-point arrays of one dtype (or of
+      nested lists of floats), with `None` entries allowed; or any pytree of
+      such arrays.
 
   Returns:
     A scalar of the tensors' dtype: for float16 tensors, a norm above about
     256 overflows to inf, as in TensorFlow.
 
   Raises:
-    TypeError: If the tensors have different dtypes (TensorFlow raises too).
+    TypeError: If the tensors have different dtypes, or an element of a list
+      is not floating-point (TensorFlow raises too).
+    ValueError: If an element is a ragged nested list.
 
   Examples:
     >>> import jax.numpy as jnp
     >>> from jaxclip.compat import tf
     >>> tf.global_norm([jnp.array([3.0]), None, jnp.array([4.0])])
     Array(5., dtype=float32)
+    >>> tf.global_norm([[3.0, 4.0]])  # one tensor of shape (2,)
+    Array(5., dtype=float32)
 
   References:
     TensorFlow, [tf.linalg.global_norm](https://www.tensorflow.org/api_docs/python/tf/linalg/global_norm).
   """
-  leaves = _base.inexact_leaves(t_list)
-  dtype = _dtype_of_leaves(leaves)
-  if not leaves:
-    return jnp.zeros((), jnp.float32)
-  leaves = [jnp.asarray(x) for x in leaves]
-  half_squared = [jnp.sum(x * x * jnp.asarray(0.5, x.dtype)) for x in leaves]
-  total = jnp.sum(jnp.stack(half_squared))
-  return jnp.sqrt(total * jnp.asarray(2.0, dtype))
+  return _global_norm(*_tensors(t_list))
+
+
+def _clip_by_global_norm(
+  tensors: Any, is_sequence: bool, clip_norm: jax.typing.ArrayLike, use_norm: Any
+) -> tuple[Any, jax.Array]:
+  if use_norm is None:
+    norm = _global_norm(tensors, is_sequence)
+  else:
+    norm = _convert(use_norm, "use_norm")
+  if not jnp.issubdtype(norm.dtype, jnp.floating):
+    norm = norm.astype(jnp.float32)
+  if jnp.ndim(clip_norm) != 0:
+    raise ValueError(
+      f"`clip_norm` must be a scalar, got shape {jnp.shape(clip_norm)}. To"
+      " clip each tensor to its own threshold, use `clip_by_norm`."
+    )
+  c = jnp.asarray(clip_norm).astype(norm.dtype)
+  one = jnp.asarray(1.0, norm.dtype)
+  scale_for_finite = c * jnp.minimum(one / norm, one / c)
+  scale = scale_for_finite + (norm - norm)  # NaN when the norm is not finite.
+  if is_sequence:
+    return [None if x is None else x * scale.astype(x.dtype) for x in tensors], norm
+  return _tree.map_inexact(lambda x: x * scale.astype(x.dtype), tensors), norm
 
 
 def clip_by_global_norm(
@@ -229,18 +429,25 @@ def clip_by_global_norm(
   * below the threshold the factor ``clip_norm * (1 / clip_norm)`` may differ
     from 1 by one unit in the last place.
 
+  A list or tuple `t_list` is treated as TensorFlow treats it: each element
+  is converted to one array (see `global_norm`), and the result is a list of
+  the clipped arrays, `None` where the element was `None`. A dict or other
+  pytree comes back in its own structure, integer leaves unchanged.
+
   Args:
-    t_list: A list (or any pytree) of floating-point arrays of one dtype;
-      `None` entries are kept as `None`, integer leaves pass through.
+    t_list: A list or tuple of floating-point arrays of one dtype, with
+      `None` entries allowed; or any pytree of such arrays.
     clip_norm: The largest allowed global norm, a scalar.
     use_norm: A precomputed global norm to use instead of `global_norm`.
 
   Returns:
-    ``(clipped, norm)``: the arrays scaled, in the structure of `t_list`, and
-    the global norm used (before clipping).
+    ``(clipped, norm)``: the arrays scaled (a list for a list or tuple
+    `t_list`), and the global norm used (before clipping).
 
   Raises:
-    TypeError: If the tensors have different dtypes and `use_norm` is None.
+    TypeError: If the tensors have different dtypes, or a list element is
+      not floating-point, and `use_norm` is None.
+    ValueError: If `clip_norm` is not a scalar.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -251,23 +458,15 @@ def clip_by_global_norm(
     Array(15.652476, dtype=float32)
     >>> clipped[0]
     Array([-1.852742 ,  2.7791128,  5.5582256], dtype=float32)
+    >>> tf.clip_by_global_norm([[3.0, 4.0]], 1.0)[0]
+    [Array([0.6, 0.8], dtype=float32)]
 
   References:
     TensorFlow, [tf.clip_by_global_norm](https://www.tensorflow.org/api_docs/python/tf/clip_by_global_norm).
     Pascanu et al., [On the difficulty of training recurrent neural
     networks](https://arxiv.org/abs/1211.5063), 2013.
   """
-  norm = global_norm(t_list) if use_norm is None else jnp.asarray(use_norm)
-  if not jnp.issubdtype(norm.dtype, jnp.floating):
-    norm = norm.astype(jnp.float32)
-  if jnp.ndim(clip_norm) != 0:
-    raise ValueError(f"`clip_norm` must be a scalar, got shape {jnp.shape(clip_norm)}.")
-  c = jnp.asarray(clip_norm).astype(norm.dtype)
-  one = jnp.asarray(1.0, norm.dtype)
-  scale_for_finite = c * jnp.minimum(one / norm, one / c)
-  scale = scale_for_finite + (norm - norm)  # NaN when the norm is not finite.
-  clipped = _base.map_inexact(lambda x: x * scale.astype(x.dtype), t_list)
-  return clipped, norm
+  return _clip_by_global_norm(*_tensors(t_list), clip_norm, use_norm)
 
 
 def clip_by_value_transform(
@@ -275,9 +474,13 @@ def clip_by_value_transform(
 ) -> optax.GradientTransformationExtraArgs:
   """`clip_by_value` applied to every floating leaf, as an optax transform.
 
+  Integer leaves pass through; Python-number leaves are converted first, as
+  TensorFlow converts them.
+
   Args:
-    clip_value_min: Lower bound.
-    clip_value_max: Upper bound.
+    clip_value_min: Lower bound, a scalar or an array broadcastable to the
+      shape of every leaf.
+    clip_value_max: Upper bound, likewise.
 
   Returns:
     A stateless `optax.GradientTransformationExtraArgs`.
@@ -296,7 +499,7 @@ def clip_by_value_transform(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     fn = lambda x: clip_by_value(x, clip_value_min, clip_value_max)  # noqa: E731
-    return _base.map_inexact(fn, updates), state
+    return _tree.map_inexact(fn, _convert_numbers(updates)), state
 
   return optax.GradientTransformationExtraArgs(_init_empty, update_fn)
 
@@ -332,7 +535,8 @@ def clip_by_norm_transform(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    return _base.map_inexact(lambda x: clip_by_norm(x, clip_norm, axes), updates), state
+    fn = lambda x: clip_by_norm(x, clip_norm, axes)  # noqa: E731
+    return _tree.map_inexact(fn, _convert_numbers(updates)), state
 
   return optax.GradientTransformationExtraArgs(_init_empty, update_fn)
 
@@ -341,6 +545,9 @@ def clip_by_global_norm_transform(
   clip_norm: jax.typing.ArrayLike,
 ) -> optax.GradientTransformationExtraArgs:
   """`clip_by_global_norm` over all floating leaves, as an optax transform.
+
+  The updates are a pytree whatever their structure (a list of arrays stays a
+  list of arrays, a tuple a tuple), and integer leaves pass through.
 
   Args:
     clip_norm: The largest allowed global norm.
@@ -364,7 +571,7 @@ def clip_by_global_norm_transform(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    return clip_by_global_norm(updates, clip_norm)[0], state
+    return _clip_by_global_norm(_convert_numbers(updates), False, clip_norm, None)[0], state
 
   return optax.GradientTransformationExtraArgs(_init_empty, update_fn)
 
