@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxclip import _base, _norms, _per_example, _validate
+from jaxclip import _base, _core, _norms, _validate
 
 __all__ = [
   "AdaGCState",
@@ -76,6 +76,12 @@ class AutoClipState(NamedTuple):
   filled: jax.Array
   position: jax.Array
 
+  stats_name = "autoclip"
+
+  def summary(self) -> dict[str, jax.Array]:
+    """What `jaxclip.stats` reports."""
+    return _core.global_summary(self)
+
 
 def autoclip(
   percentile: jax.typing.ArrayLike = 10.0,
@@ -133,31 +139,21 @@ def autoclip(
   )
   size = _validate.check_int(history_size, "history_size", 1)
 
-  def init_fn(params):
-    dtype = _base.record_dtype(params)
+  def init_state(dtype, k):
     zero = _base.zero_count  # a fresh array per field: donated states share no buffer
     return AutoClipState(
-        zero(), _base.scalar(0, dtype), _base.scalar(0, dtype), _base.scalar(1, dtype), _base.scalar(False, bool),
-        jnp.zeros((size,), dtype), zero(), zero(),
+        zero(), _base.scalar(0, dtype), _base.scalar(0, dtype), _base.scalar(1, dtype),
+        _base.scalar(False, bool), jnp.zeros((size,), dtype), zero(), zero(),
     )  # fmt: skip
 
-  def update_fn(updates, state, params=None, **extra_args):
-    _base.expect_state(state, AutoClipState, "autoclip")
-    del params, extra_args
-    norm = _norms.global_norm(updates, axis_name=axis_name)
+  def decide(norm, state, count, extra_args):
     history, filled, position = push(
       state.history, state.filled, state.position, norm, jnp.isfinite(norm)
     )
     threshold = window_percentile(history, filled, jnp.asarray(percentile))
-    threshold = threshold.astype(norm.dtype)
-    scale, clipped = _base.clip_scale(norm, threshold)
-    updates = _base.map_inexact(lambda x: _base.scale_leaf(x, scale), updates)
-    new_state = AutoClipState(
-      state.count + 1, norm, threshold, scale, clipped, history, filled, position
-    )
-    return updates, new_state
+    return threshold, dict(history=history, filled=filled, position=position)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _core.global_clipper("autoclip", AutoClipState, init_state, decide, axis_name=axis_name)
 
 
 class AdaGCState(NamedTuple):
@@ -170,7 +166,9 @@ class AdaGCState(NamedTuple):
     global_norm: Global norm of the updates at the last step, before clipping.
     norm: Per tensor, its norm before clipping.
     threshold: Per tensor, the bound it was clipped to: ``relative * ema``
-      after warmup; during warmup, the global `warmup_max_norm`.
+      after warmup; during warmup, its share of the global clip,
+      ``warmup_max_norm * norm / global_norm`` (inf while the global norm is
+      within `warmup_max_norm`).
     scale: Per tensor, the factor applied.
     clipped: Per tensor, whether it was scaled down.
     ema: Per tensor, the EMA of its clipped norm (``gamma`` in the paper);
@@ -184,6 +182,18 @@ class AdaGCState(NamedTuple):
   scale: jax.Array
   clipped: jax.Array
   ema: jax.Array
+
+  stats_name = "adagc"
+  per_tensor_fields = ("norm", "scale", "clipped", "threshold")
+
+  def summary(self) -> dict[str, jax.Array]:
+    """What `jaxclip.stats` reports."""
+    return {
+      "global_norm": self.global_norm,
+      **_core.per_tensor_summary(self),
+      "threshold_min": jnp.min(self.threshold, initial=jnp.inf).astype(self.threshold.dtype),
+      "count": self.count,
+    }
 
 
 def adagc(
@@ -248,49 +258,35 @@ def adagc(
   _validate.check_range(beta, "beta", 0.0, 1.0, "Typical values are 0.98 to 0.99.")
   warmup = _validate.check_int(warmup_steps, "warmup_steps", 1)
 
-  def init_fn(params):
-    dtype = _base.record_dtype(params)
-    k = len(_base.inexact_leaves(params))
+  def init_state(dtype, k):
     vec = lambda v, d=dtype: jnp.full((k,), v, d)  # noqa: E731
     return AdaGCState(
-      _base.zero_count(),
-      _base.scalar(0, dtype),
-      vec(0),
-      vec(0),
-      vec(1),
-      vec(False, bool),
+      _base.zero_count(), _base.scalar(0, dtype), vec(0), vec(0), vec(1), vec(False, bool),
       vec(jnp.inf),
-    )
+    )  # fmt: skip
 
-  def update_fn(updates, state, params=None, **extra_args):
-    _base.expect_state(state, AdaGCState, "adagc")
-    del params, extra_args
-    dtype = _base.record_dtype(updates)
-    buckets = _norms.Buckets(_base.inexact_leaves(updates))
-    norms = _norms.per_leaf_norms(buckets, 2.0, axis_name=axis_name).astype(dtype)
-    total = _norms.norm_of_leaves([norms], 2.0)
-    in_warmup = state.count < warmup
-    g_scale, g_clipped = _base.clip_scale(total, _base.resolve(warmup_max_norm, state.count, dtype))
-    threshold = jnp.where(
-      in_warmup, _base.resolve(warmup_max_norm, state.count, dtype), relative * state.ema
-    ).astype(dtype)
-    t_scale, t_clipped = _base.clip_scale(norms, threshold)
-    scale = jnp.where(in_warmup, g_scale, t_scale)
-    clipped = jnp.where(in_warmup, g_clipped & jnp.isfinite(norms), t_clipped)
-    clipped_norms = norms * scale
-    b = jnp.asarray(beta, dtype)
+  def measure(layout, _):
+    return _norms.group_norms(layout, 2.0, axis_name=axis_name)
+
+  def decide(norms, state, count, extra_args):
+    total = _norms.tree_norm([norms], 2.0)
+    in_warmup = count < warmup
+    limit = _base.resolve(warmup_max_norm, count, norms.dtype)
+    # Warmup clips globally: each tensor's bound is its share of the limit.
+    over = jnp.isfinite(total) & (total > limit)
+    share = jnp.where(over, limit * (norms / jnp.where(over, total, 1)), jnp.inf)
+    threshold = jnp.where(in_warmup, share, relative * state.ema).astype(norms.dtype)
+    clipped_norms = jnp.minimum(norms, threshold)
+    b = jnp.asarray(beta, norms.dtype)
     ema = jnp.where(
       in_warmup | ~jnp.isfinite(state.ema),  # a tensor with no finite norm yet starts here
       jnp.minimum(state.ema, clipped_norms),
       b * state.ema + (1 - b) * clipped_norms,
     )
-    ema = jnp.where(jnp.isfinite(clipped_norms), ema, state.ema).astype(dtype)
-    it = iter(buckets.scale_leaves(scale))
-    updates = _base.map_inexact(lambda x: next(it), updates)
-    new_state = AdaGCState(state.count + 1, total, norms, threshold, scale, clipped, ema)
-    return updates, new_state
+    ema = jnp.where(jnp.isfinite(norms), ema, state.ema)
+    return threshold, dict(global_norm=total, ema=ema)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _core.per_tensor_clipper("adagc", AdaGCState, init_state, measure, decide)
 
 
 class QuantileClipState(NamedTuple):
@@ -303,8 +299,10 @@ class QuantileClipState(NamedTuple):
     threshold: The clipping norm ``C`` used at this step.
     scale: Factor applied (per-example mode: the smallest factor).
     clipped: Whether anything was scaled down.
-    fraction: The (noisy, in DP mode) fraction of norms that were <= ``C``.
-    max_norm: The threshold for the next step, ``C * exp(-lr * (b - q))``.
+    fraction_below: The (noisy, in DP mode) fraction of norms that were
+      <= ``C``.
+    next_threshold: The threshold for the next step,
+      ``C * exp(-lr * (b - q))``.
     key: PRNG key (uint32[2]) for the count noise, split at every noisy step.
   """
 
@@ -313,9 +311,19 @@ class QuantileClipState(NamedTuple):
   threshold: jax.Array
   scale: jax.Array
   clipped: jax.Array
-  fraction: jax.Array
-  max_norm: jax.Array
+  fraction_below: jax.Array
+  next_threshold: jax.Array
   key: jax.Array
+
+  stats_name = "quantile_clip"
+
+  def summary(self) -> dict[str, jax.Array]:
+    """What `jaxclip.stats` reports."""
+    return {
+      **_core.global_summary(self),
+      "fraction_below": self.fraction_below,
+      "next_threshold": self.next_threshold,
+    }
 
 
 def quantile_clip(
@@ -343,8 +351,10 @@ def quantile_clip(
   privacy pass ``count_noise_std`` (the paper's ``sigma_b``): Gaussian noise
   of that standard deviation is added to the count before dividing by the
   batch size. The noise key comes from the state (seeded by `seed`) or from
-  ``update(..., key=k)``. Examples with a non-finite norm count as above
-  ``C``; in the default mode a non-finite norm leaves ``C`` unchanged.
+  ``update(..., key=k)``. An example with a non-finite norm counts as above
+  ``C`` and contributes zero to the sum (so no example exceeds ``C``); in the
+  default mode a non-finite norm leaves ``C`` unchanged and the updates pass
+  through unscaled.
 
   Args:
     target_quantile: The quantile ``q`` in [0, 1] to track (may be traced).
@@ -375,7 +385,7 @@ def quantile_clip(
     >>> u, state = tx.update(jnp.array([3.0, 4.0]), tx.init(jnp.zeros(2)))
     >>> u  # clipped to C = 1; the norm was above C so C grows by exp(0.1)
     Array([0.6, 0.8], dtype=float32)
-    >>> round(float(state.max_norm), 4)
+    >>> round(float(state.next_threshold), 4)
     1.1052
 
   References:
@@ -400,60 +410,37 @@ def quantile_clip(
       " unset, or clip per example before the gradients are split."
     )
 
-  def init_fn(params):
-    dtype = _base.record_dtype(params)
-
+  def init_state(dtype, k):
     # A fresh array per field: donated states share no buffer.
-    def c():
-      return jnp.array(initial_max_norm, dtype)
-
-    def z():
-      return _base.scalar(0, dtype)
-
+    c = lambda: jnp.array(initial_max_norm, dtype)  # noqa: E731
+    z = lambda: _base.scalar(0, dtype)  # noqa: E731
     return QuantileClipState(
-      _base.zero_count(),
-      z(),
-      c(),
-      _base.scalar(1, dtype),
-      _base.scalar(False, bool),
-      z(),
-      c(),
+      _base.zero_count(), z(), c(), _base.scalar(1, dtype), _base.scalar(False, bool), z(), c(),
       jax.random.PRNGKey(seed),
-    )
+    )  # fmt: skip
 
-  def update_fn(updates, state, params=None, **extra_args):
-    _base.expect_state(state, QuantileClipState, "quantile_clip")
-    del params
-    c = state.max_norm
-    if per_example:
-      leaves = _per_example._check_batched(updates, "quantile_clip(per_example=True)")
-      norms = _per_example.example_norms(leaves).astype(c.dtype)
-      scales, clipped = _base.clip_scale(norms, c)
-      treedef = jax.tree.structure(updates)
-      updates = treedef.unflatten([_per_example._weighted_sum(scales, g) for g in leaves])
-      below = jnp.sum(norms <= c).astype(c.dtype)
-      key = state.key
-      if noisy:
-        if "key" in extra_args:
-          sub = jnp.asarray(extra_args["key"])
-        else:
-          key, sub = jax.random.split(state.key)
-        below = below + jnp.asarray(count_noise_std, c.dtype) * jax.random.normal(sub, (), c.dtype)
-      fraction = below / norms.shape[0]
-      record = (jnp.max(norms), c, jnp.min(scales), jnp.any(clipped))
-      keep_c = jnp.asarray(False)
-    else:
-      key = state.key
-      norm = _norms.global_norm(updates, axis_name=axis_name).astype(c.dtype)
-      scale, clipped = _base.clip_scale(norm, c)
-      updates = _base.map_inexact(lambda x: _base.scale_leaf(x, scale), updates)
-      fraction = (norm <= c).astype(c.dtype)
-      record = (norm, c, scale, clipped)
-      keep_c = ~jnp.isfinite(norm)
+  def decide(norms, state, count, extra_args):
+    c = state.next_threshold.astype(norms.dtype)
+    below = jnp.sum(norms <= c).astype(c.dtype)  # a non-finite norm is not below
+    key = state.key
+    if per_example and noisy:
+      if "key" in extra_args:
+        sub = jnp.asarray(extra_args["key"])
+      else:
+        key, sub = jax.random.split(state.key)
+      below = below + jnp.asarray(count_noise_std, c.dtype) * jax.random.normal(sub, (), c.dtype)
+    fraction = below / max(norms.size, 1)
     eta = jnp.asarray(learning_rate, c.dtype)
     new_c = c * jnp.exp(-eta * (fraction - jnp.asarray(target_quantile, c.dtype)))
-    new_c = jnp.where(keep_c, c, new_c)
-    new_state = QuantileClipState(state.count + 1, *record, fraction, new_c, key)
-    return updates, new_state
+    if not per_example:  # a non-finite norm leaves C unchanged
+      new_c = jnp.where(jnp.isfinite(norms), new_c, c)
+    return c, dict(fraction_below=fraction, next_threshold=new_c, key=key)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _core.global_clipper(
+    "quantile_clip",
+    QuantileClipState,
+    init_state,
+    decide,
+    axis_name=axis_name,
+    per_example=per_example,
+  )

@@ -104,20 +104,12 @@ def adaptive_grad_clip(
   _validate.check_threshold(eps, "eps", allow_schedule=False)
   axis = _validate.check_axis(axis)
 
-  def measure(buckets, param_leaves):
-    shapes = [x.shape for x in buckets.leaves], [w.shape for w in param_leaves]
-    if shapes[0] != shapes[1]:
-      raise ValueError(
-        "adaptive_grad_clip needs `params` with the same floating leaves as the"
-        f" updates; got update shapes {shapes[0]} and parameter shapes"
-        f" {shapes[1]}. Pass the parameters the updates are for."
-      )
-    ratios = []
-    for g, w in zip(buckets.leaves, param_leaves):
-      axes = _norms.unitwise_axes(g, axis)
-      g_norm = _norms.norm_along(g, 2.0, axes)
-      w_norm = _norms.norm_along(w, 2.0, axes)
-      ratios.append(g_norm / jnp.maximum(w_norm, jnp.asarray(eps, w_norm.dtype)))
-    return ratios
+  def measure(layout, param_layout):
+    axes_of = lambda shape: _norms.unitwise_axes(shape, axis)  # noqa: E731
+    g_norms = _norms.group_norms(layout, 2.0, axes_of)
+    w_norms = _norms.group_norms(param_layout, 2.0, axes_of)
+    return [g / jnp.maximum(w, jnp.asarray(eps, w.dtype)) for g, w in zip(g_norms, w_norms)]
 
-  return _clipping.per_tensor_clipper(measure, clipping, "clipping", needs_params=True)
+  return _clipping.per_tensor(
+    "adaptive_grad_clip", measure, clipping, "clipping", needs_params=True, unitwise=True
+  )

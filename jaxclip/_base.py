@@ -5,6 +5,7 @@ Nothing here computes a norm: norms come from `jaxclip._norms`.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -30,9 +31,7 @@ def record_dtype(tree: Any) -> jnp.dtype:
   return jnp.result_type(*(_norms.accumulation_dtype(x.dtype) for x in leaves))
 
 
-def inexact_leaves(tree: Any) -> list[jax.Array]:
-  """The floating and complex leaves of `tree`: the ones that get clipped."""
-  return [x for x in jax.tree.leaves(tree) if _norms.is_inexact(x)]
+inexact_leaves = _norms.inexact_leaves
 
 
 def map_inexact(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
@@ -101,10 +100,85 @@ def expect_state(state: Any, state_type: type, transform: str) -> None:
     )
 
 
-def next_state(old: Any, state_type: type, new: Any) -> Any:
-  """`new` if `old` is this transform's state, else `old` untouched."""
-  return new if isinstance(old, state_type) else old
+def keep_dtypes(state: Any, state_type: type, new: Any) -> Any:
+  """`new`, each leaf cast to the dtype of `state`'s: a state's dtypes are set
+  by `init` and never change (a `lax.scan` carry, no retrace). A state from
+  elsewhere (a stateless transform's) is returned as it is."""
+  if not isinstance(state, state_type):
+    return state
+  return jax.tree.map(lambda old, x: jnp.asarray(x).astype(old.dtype), state, new)
 
 
-def as_bool(x: Any) -> jax.Array:
-  return jnp.asarray(x, dtype=bool)
+def matching_params(layout: _norms.Layout, params: Any, name: str) -> list[jax.Array]:
+  """The floating leaves of `params`, checked to match the updates'."""
+  leaves = inexact_leaves(params)
+  shapes = [x.shape for x in layout.leaves], [w.shape for w in leaves]
+  if shapes[0] != shapes[1]:
+    raise ValueError(
+      f"`{name}` needs `params` with the same floating leaves as the updates;"
+      f" got update shapes {shapes[0]} and parameter shapes {shapes[1]}. Pass"
+      " the parameters the updates are for."
+    )
+  return leaves
+
+
+# Per-example gradients (DP-SGD): every leaf has the batch on axis 0.
+
+
+def batched_leaves(grads: Any, fn: str) -> list[jax.Array]:
+  """The leaves of per-example gradients, checked to share a batch axis 0."""
+  leaves = jax.tree.leaves(grads)
+  if not leaves:
+    raise ValueError(
+      f"`{fn}` got no gradients: pass a pytree of per-example gradients, each"
+      " with the batch on axis 0."
+    )
+  if any(isinstance(x, numbers.Number) for x in leaves):
+    inexact_leaves(grads)  # raises, naming the leaf
+  shapes = [jnp.shape(x) for x in leaves]
+  if any(len(s) == 0 or s[0] != shapes[0][0] for s in shapes):
+    raise ValueError(
+      f"`{fn}` needs every gradient to have the batch on axis 0 with one batch"
+      f" size; got shapes {shapes}. Compute per-example gradients with"
+      " `jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, batch)`."
+    )
+  return [jnp.asarray(x) for x in leaves]
+
+
+def as_floating(leaves: list[jax.Array]) -> list[jax.Array]:
+  """Integer leaves as float32: per-example sums count them, as optax does."""
+  return [x if _norms.is_inexact(x) else x.astype(jnp.float32) for x in leaves]
+
+
+def example_scale(norms: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per example, the factor bounding its norm by `threshold`, and whether it
+  was clipped. An example with a non-finite norm gets 0 (and counts as
+  clipped): its gradient is left out, so no example contributes more than
+  the threshold, which is what differential privacy rests on."""
+  scale, clipped = clip_scale(norms, threshold)
+  finite = jnp.isfinite(norms)
+  return jnp.where(finite, scale, 0).astype(scale.dtype), clipped | ~finite
+
+
+def weighted_sums(weights: jax.Array, leaves: list[jax.Array]) -> list[jax.Array]:
+  """Per leaf, ``sum_i weights[i] * g[i]`` over the batch axis, accumulated in
+  float32 (complex64 for complex leaves), in each leaf's dtype.
+
+  An example of weight 0 contributes exactly 0, also where its gradient holds
+  inf or NaN: those examples are masked out first (only when there are any).
+  """
+  dropped = weights == 0
+
+  def total(masked: bool) -> list[jax.Array]:
+    return [_weighted_sum(weights, g, dropped if masked else None) for g in leaves]
+
+  return jax.lax.cond(jnp.any(dropped), lambda: total(True), lambda: total(False))
+
+
+def _weighted_sum(weights: jax.Array, g: jax.Array, dropped: jax.Array | None) -> jax.Array:
+  if dropped is not None:
+    g = jnp.where(dropped.reshape((-1,) + (1,) * (g.ndim - 1)), jnp.zeros((), g.dtype), g)
+  if not _norms.is_inexact(g):  # integer gradients sum as numbers, as in optax
+    return jnp.tensordot(weights, g.astype(weights.dtype), axes=1)
+  acc = jnp.result_type(g.dtype, _norms.accumulation_dtype(g.dtype))
+  return jnp.tensordot(weights.astype(acc), g.astype(acc), axes=1).astype(g.dtype)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -11,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxclip import _base, _norms, _validate
+from jaxclip import _base, _core, _norms, _validate
 from jaxclip._validate import Ord, Threshold
 
 
@@ -29,6 +28,17 @@ class ClipByValueState(NamedTuple):
   max_abs: jax.Array
   clipped_fraction: jax.Array
   clipped: jax.Array
+
+  stats_name = "clip_by_value"
+
+  def summary(self) -> dict[str, jax.Array]:
+    """What `jaxclip.stats` reports."""
+    return {
+      "max_abs": self.max_abs,
+      "clipped": self.clipped,
+      "clipped_fraction": self.clipped_fraction,
+      "count": self.count,
+    }
 
 
 class ClipByGlobalNormState(NamedTuple):
@@ -48,6 +58,12 @@ class ClipByGlobalNormState(NamedTuple):
   norm: jax.Array
   scale: jax.Array
   clipped: jax.Array
+
+  stats_name = "clip_by_global_norm"
+
+  def summary(self) -> dict[str, jax.Array]:
+    """What `jaxclip.stats` reports."""
+    return _core.global_summary(self)
 
 
 class PerTensorClipState(NamedTuple):
@@ -76,6 +92,13 @@ class PerTensorClipState(NamedTuple):
   norm: jax.Array
   scale: jax.Array
   clipped: jax.Array
+
+  stats_name = "per_tensor"
+  per_tensor_fields = ("norm", "scale", "clipped")
+
+  def summary(self) -> dict[str, jax.Array]:
+    """What `jaxclip.stats` reports."""
+    return {**_core.per_tensor_summary(self), "threshold": self.threshold, "count": self.count}
 
 
 def clip_by_value(
@@ -138,23 +161,40 @@ def clip_by_value(
     lo = _base.resolve(min_value, count, dtype)
     hi = _base.resolve(max_value, count, dtype)
     leaves = _base.inexact_leaves(updates)
+    for x in leaves:
+      _check_bounds_fit(x, lo, hi)
     outside = [
       ((x < lo.astype(x.dtype)) | (x > hi.astype(x.dtype))).astype(jnp.float32) for x in leaves
     ]
-    n_out = _norms.norm_of_leaves(outside, 1.0)
-    size = sum(x.size for x in leaves)
+    n_out = _norms.tree_norm(outside, 1.0)
     new_state = ClipByValueState(
       count=count + 1,
-      max_abs=_norms.norm_of_leaves(leaves, math.inf).astype(dtype),
-      clipped_fraction=n_out / max(size, 1),
+      max_abs=_norms.tree_norm(leaves, math.inf),
+      clipped_fraction=n_out / max(sum(x.size for x in leaves), 1),
       clipped=n_out > 0,
     )
     updates = _base.map_inexact(
       lambda x: jnp.clip(x, lo.astype(x.dtype), hi.astype(x.dtype)), updates
     )
-    return updates, _base.next_state(state, ClipByValueState, new_state)
+    return updates, _base.keep_dtypes(state, ClipByValueState, new_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_bounds_fit(x: jax.Array, lo: jax.Array, hi: jax.Array) -> None:
+  """Raises unless both bounds broadcast to `x` without changing its shape."""
+  for name, bound in (("min_value", lo), ("max_value", hi)):
+    try:
+      fits = np.broadcast_shapes(x.shape, bound.shape) == x.shape
+    except ValueError:
+      fits = False
+    if not fits:
+      raise ValueError(
+        f"`{name}` of shape {bound.shape} does not broadcast to an update of"
+        f" shape {x.shape} without changing its shape. Pass a scalar, or an"
+        " array broadcastable to every leaf (clip leaves of different shapes"
+        " separately with `optax.masked` or `optax.partition`)."
+      )
 
 
 def clip(max_delta: Threshold) -> optax.GradientTransformationExtraArgs:
@@ -237,119 +277,59 @@ def clip_by_global_norm(
   """
   _validate.check_threshold(max_norm, "max_norm")
   p = _validate.check_ord(ord)
-  thresholds = {"max_norm": max_norm}
 
-  def init_fn(params):
-    dtype = _base.record_dtype(params)
-    return ClipByGlobalNormState(
-      _base.zero_count(),
-      _base.scalar(0, dtype),
-      _base.scalar(0, dtype),
-      _base.scalar(1, dtype),
-      _base.scalar(False, bool),
-    )
+  def decide(norm, state, count, extra_args):
+    return _base.resolve(max_norm, count, norm.dtype), {}
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del params, extra_args
-    count = _base.step_count(state, ClipByGlobalNormState, thresholds)
-    leaves = _base.inexact_leaves(updates)
-    norm = _norms.norm_of_leaves(leaves, p, axis_name=axis_name)
-    norm = norm.astype(_base.record_dtype(updates))
-    threshold = _base.resolve(max_norm, count, norm.dtype)
-    scale, clipped = _base.clip_scale(norm, threshold)
-    updates = _base.map_inexact(lambda x: _base.scale_leaf(x, scale), updates)
-    new_state = ClipByGlobalNormState(count + 1, threshold, norm, scale, clipped)
-    return updates, _base.next_state(state, ClipByGlobalNormState, new_state)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _core.global_clipper(
+    "clip_by_global_norm",
+    ClipByGlobalNormState,
+    _fixed_init(ClipByGlobalNormState),
+    decide,
+    p=p,
+    axis_name=axis_name,
+    schedules={"max_norm": max_norm},
+  )
 
 
-# Per-tensor clippers: a measurement per tensor, or per unit of each tensor,
-# compared with one threshold. `measure(buckets, param_leaves)` returns either
-# a vector with one entry per leaf of `buckets`, or a list with, per leaf, an
-# array broadcastable to it.
-Measure = Callable[[_norms.Buckets, Sequence[jax.Array] | None], jax.Array | list[jax.Array]]
+def _fixed_init(state_type: type):
+  """`init_state` of a fixed-threshold clipper: nothing measured yet."""
 
-
-def per_tensor_clipper(
-  measure: Measure,
-  threshold: Threshold,
-  name: str,
-  *,
-  needs_params: bool = False,
-) -> optax.GradientTransformationExtraArgs:
-  """A transform scaling each tensor (or unit) whose measurement exceeds
-  `threshold` down to it."""
-  thresholds = {name: threshold}
-
-  def init_fn(params):
-    dtype = _base.record_dtype(params)
-    k = len(_base.inexact_leaves(params))
-    return PerTensorClipState(
+  def init_state(dtype, k):
+    shape = () if state_type is ClipByGlobalNormState else (k,)
+    return state_type(
       count=_base.zero_count(),
       threshold=_base.scalar(0, dtype),
-      norm=jnp.zeros((k,), dtype),
-      scale=jnp.ones((k,), dtype),
-      clipped=jnp.zeros((k,), bool),
+      norm=jnp.zeros(shape, dtype),
+      scale=jnp.ones(shape, dtype),
+      clipped=jnp.zeros(shape, bool),
     )
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    if needs_params and params is None:
-      raise ValueError(
-        "This transform needs the current parameters: call `update(updates, state, params)`."
-      )
-    count = _base.step_count(state, PerTensorClipState, thresholds)
-    dtype = _base.record_dtype(updates)
-    thr = _base.resolve(threshold, count, dtype)
-    buckets = _norms.Buckets(_base.inexact_leaves(updates))
-    param_leaves = _base.inexact_leaves(params) if needs_params else None
-    measured = measure(buckets, param_leaves)
-    if isinstance(measured, list):  # unit-wise
-      pairs = [_base.clip_scale(m.astype(dtype), thr) for m in measured]
-      new_leaves = [_base.scale_leaf(x, s) for x, (s, _) in zip(buckets.leaves, pairs)]
-      record = (
-        _stack([jnp.max(m) for m in measured], dtype),
-        _stack([jnp.min(s) for s, _ in pairs], dtype),
-        _stack([jnp.any(c) for _, c in pairs], bool),
-      )
-    else:
-      scale, clipped = _base.clip_scale(measured.astype(dtype), thr)
-      new_leaves = buckets.scale_leaves(scale)
-      record = (measured.astype(dtype), scale, clipped)
-    it = iter(new_leaves)
-    updates = _base.map_inexact(lambda x: next(it), updates)
-    new_state = PerTensorClipState(count + 1, thr, *record)
-    return updates, _base.next_state(state, PerTensorClipState, new_state)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return init_state
 
 
-def _stack(values: list[jax.Array], dtype: jnp.dtype) -> jax.Array:
-  if not values:
-    return jnp.zeros((0,), dtype)
-  return jnp.stack(values).astype(dtype)
+def _fixed(threshold: Threshold):
+  """The policy of a fixed (or scheduled) threshold."""
+
+  def decide(measured, state, count, extra_args):
+    return _base.resolve(threshold, count, measured.dtype), {}
+
+  return decide
 
 
-def _leaf_norms(p: float, axis: int | tuple[int, ...] | None) -> Measure:
-  def measure(buckets, param_leaves):
-    del param_leaves
-    if axis is None:
-      return _norms.per_leaf_norms(buckets, p)
-    return [_norms.norm_along(x, p, _check_axes(x, axis)) for x in buckets.leaves]
-
-  return measure
-
-
-def _check_axes(x: jax.Array, axis: int | tuple[int, ...]) -> int | tuple[int, ...]:
-  axes = (axis,) if isinstance(axis, int) else axis
-  if any(not -x.ndim <= a < x.ndim for a in axes):
-    raise ValueError(
-      f"`axis={axis!r}` is out of range for an update of shape {x.shape};"
-      " every leaf must have all the axes named (use `optax.masked` to clip"
-      " leaves of different ranks separately)."
-    )
-  return axis
+def per_tensor(
+  name: str, measure: _core.Measure, threshold: Threshold, arg: str, **kwargs: bool
+) -> optax.GradientTransformationExtraArgs:
+  """A per-tensor clipper with a fixed (or scheduled) threshold named `arg`."""
+  return _core.per_tensor_clipper(
+    name,
+    PerTensorClipState,
+    _fixed_init(PerTensorClipState),
+    measure,
+    _fixed(threshold),
+    schedules={arg: threshold},
+    **kwargs,
+  )
 
 
 def clip_by_norm(
@@ -393,7 +373,15 @@ def clip_by_norm(
   """
   _validate.check_threshold(max_norm, "max_norm")
   p = _validate.check_ord(ord)
-  return per_tensor_clipper(_leaf_norms(p, _validate.check_axis(axis)), max_norm, "max_norm")
+  axis = _validate.check_axis(axis)
+  if axis is None:
+    measure = lambda layout, _: _norms.group_norms(layout, p)  # noqa: E731
+    return per_tensor("clip_by_norm", measure, max_norm, "max_norm")
+
+  def measure_units(layout, _):
+    return _norms.group_norms(layout, p, lambda shape: _norms.unitwise_axes(shape, axis))
+
+  return per_tensor("clip_by_norm", measure_units, max_norm, "max_norm", unitwise=True)
 
 
 def clip_by_block_rms(threshold: Threshold) -> optax.GradientTransformationExtraArgs:
@@ -423,10 +411,10 @@ def clip_by_block_rms(threshold: Threshold) -> optax.GradientTransformationExtra
     Array([2., 0., 0., 0.], dtype=float32)
   """
   _validate.check_threshold(threshold, "threshold")
-  norms = _leaf_norms(2.0, None)
 
-  def measure(buckets, param_leaves):
-    sizes = jnp.asarray([max(x.size, 1) for x in buckets.leaves], buckets.acc)
-    return norms(buckets, param_leaves) / jnp.sqrt(sizes)
+  def measure(layout, _):
+    norms = _norms.group_norms(layout, 2.0)
+    sizes = layout.groupwise(jnp.asarray([max(x.size, 1) for x in layout.leaves], layout.acc))
+    return [n / jnp.sqrt(size) for n, size in zip(norms, sizes)]
 
-  return per_tensor_clipper(measure, threshold, "threshold")
+  return per_tensor("clip_by_block_rms", measure, threshold, "threshold")

@@ -40,6 +40,18 @@ class SkipOnSpikeState(NamedTuple):
   position: jax.Array
   inner_state: Any
 
+  stats_name = "skip_on_spike"
+
+  def summary(self) -> dict[str, jax.Array]:
+    """What `jaxclip.stats` reports (the inner state is reported on its own)."""
+    return {
+      "global_norm": self.norm,
+      "loss": self.loss,
+      "skipped": self.skipped,
+      "total_skipped": self.total_skipped,
+      "count": self.count,
+    }
+
 
 def _is_outlier(value, history, filled, n_sigma, min_history):
   """Whether `value` exceeds mean + n_sigma * std of the finite valid history."""
@@ -198,6 +210,18 @@ class SkipNonFiniteState(NamedTuple):
   last_finite: jax.Array
   applied_nonfinite: jax.Array
   inner_state: Any
+
+  stats_name = "skip_nonfinite"
+
+  def summary(self) -> dict[str, jax.Array]:
+    """What `jaxclip.stats` reports (the inner state is reported on its own)."""
+    return {
+      "nonfinite": ~self.last_finite,
+      "total_skipped": self.total_skipped,
+      "consecutive_skipped": self.consecutive_skipped,
+      "applied_nonfinite": self.applied_nonfinite,
+      "count": self.count,
+    }
 
 
 def skip_nonfinite(

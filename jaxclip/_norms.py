@@ -5,21 +5,30 @@ Design:
 * Magnitudes are accumulated in float32 whatever the leaf dtype (float64 for
   float64 leaves), so bf16 and fp16 gradients give the same norm as their
   float32 copies and fp16 squares never overflow.
-* The common case is one pass over the gradients. Only when the accumulated
-  power sum is not finite, or too small to be represented accurately, is the
-  norm computed again with every value divided by the largest magnitude.
-* Many small leaves are concatenated into a few buckets before being reduced,
-  which keeps compile time low for trees with thousands of leaves; large leaves
-  and leaves known to be sharded are reduced in place, so they are never
-  copied or gathered across devices.
-* Only floating and complex leaves contribute. Integer and boolean leaves (and
-  `None` or `optax.MaskedNode` subtrees) are not gradients and are skipped.
+* The common case is one pass over the gradients. Only when an accumulated
+  power sum is not finite, or too small to be represented accurately, are the
+  norms computed again with every value divided by the largest magnitude of
+  what it is summed with. However many norms a call computes (one per leaf,
+  one per unit of every leaf), that decision is one `lax.cond`.
+* Leaves are arranged in groups (`Layout`) so that the compiled program holds
+  a few reductions rather than one per leaf, which keeps compile time low for
+  trees with thousands of leaves: small leaves of one shape (and sharding) are
+  stacked on a new leading axis, and with `flatten`, small leaves of shapes no
+  other leaf has are flattened, zero-padded to a power of two and stacked.
+  Large leaves and leaves known to be sharded are reduced in place, over their
+  own axes: never reshaped, so never copied or gathered across devices.
+* Only floating and complex leaves contribute. Integer and boolean array
+  leaves (and `None` or `optax.MaskedNode` subtrees) are not gradients and are
+  skipped. Python numbers are a TypeError naming the leaf: they are not
+  arrays, and skipping them would silently report a norm of 0.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,22 +39,49 @@ from jaxclip import _validate
 
 __all__ = ["global_norm", "unitwise_norm"]
 
-# Leaves with at most this many elements may be concatenated into a bucket.
+# Leaves with at most this many elements (per example) may be grouped.
 _SMALL_LEAF_SIZE = 1 << 14
-# Buckets are made only when at least this many small leaves exist: below it,
+# Groups are made only when at least this many small leaves exist: below it,
 # reducing every leaf in place compiles fast and copies nothing.
-_MIN_LEAVES_TO_BUCKET = 32
-# At most this many leaves go into one bucket (long concatenations compile
+_MIN_LEAVES_TO_GROUP = 32
+# At most this many leaves go into one group (long concatenations compile
 # slower than several shorter ones).
-_LEAVES_PER_BUCKET = 256
+_LEAVES_PER_GROUP = 256
 
-Ord = int | float | str
+Axes = tuple[int, ...]
+# Maps a leaf's shape to the axes one of its norms spans.
+AxesOf = Callable[[tuple[int, ...]], Axes]
+# A pair of factors with the shape of a power sum (see `_norm`).
+Down = tuple[jax.Array, jax.Array]
 
 
 def is_inexact(x: object) -> bool:
   """Whether `x` is a floating or complex array (a leaf that gets clipped)."""
   dtype = getattr(x, "dtype", None)
   return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
+
+
+def inexact_leaves(tree: Any) -> list[jax.Array]:
+  """The floating and complex leaves of `tree`: the ones that get clipped.
+
+  Raises:
+    TypeError: If a leaf is a Python number, naming its path.
+  """
+  leaves = jax.tree.leaves(tree)
+  if any(isinstance(x, numbers.Number) for x in leaves):
+    _raise_python_number(tree)
+  return [x for x in leaves if is_inexact(x)]
+
+
+def _raise_python_number(tree: Any) -> None:
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if isinstance(x, numbers.Number):
+      raise TypeError(
+        f"The leaf at {jax.tree_util.keystr(path) or 'the root'} is the Python"
+        f" {type(x).__name__} {x!r}, not an array: jaxclip clips arrays and"
+        " would otherwise skip it. Convert the tree first, e.g."
+        " `jax.tree.map(jnp.asarray, tree)`."
+      )
 
 
 def accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -72,9 +108,11 @@ def _powered(v: jax.Array, p: float) -> jax.Array:
   return a**p
 
 
-def _reduce(t: jax.Array, p: float, axis: int | tuple[int, ...] | None):
+def _reduce(t: jax.Array, p: float, axis: Axes | None, keepdims: bool = False) -> jax.Array:
   # Magnitudes are >= 0, so 0 is the identity of their max (empty leaves).
-  return jnp.max(t, axis=axis, initial=0) if p == math.inf else jnp.sum(t, axis=axis)
+  if p == math.inf:
+    return jnp.max(t, axis=axis, keepdims=keepdims, initial=0)
+  return jnp.sum(t, axis=axis, keepdims=keepdims)
 
 
 def root(s: jax.Array, p: float) -> jax.Array:
@@ -87,104 +125,158 @@ def root(s: jax.Array, p: float) -> jax.Array:
   return jnp.where(pos, r, s)  # 0 stays 0 and NaN stays NaN.
 
 
-def _is_sharded(x: object) -> bool:
-  """Whether `x` is known to be split across devices at trace time."""
+def _sharding_key(x: object) -> object:
+  """A hashable description of how `x` is split across devices, or None.
+
+  None when `x` is known not to be split, or nothing is known (inside a jit
+  over Auto mesh axes, where shardings are decided after tracing).
+  """
   sharding = getattr(x, "sharding", None)
   if sharding is not None and not isinstance(x, jax.core.Tracer):
-    return not sharding.is_fully_replicated
+    return None if sharding.is_fully_replicated else sharding
   try:
     spec = jax.typeof(x).sharding.spec
   except (AttributeError, TypeError):
-    return False
-  return any(s is not None for s in spec)
+    return None
+  return tuple(spec) if any(s is not None for s in spec) else None
 
 
-def _bucketable(x: jax.Array) -> bool:
-  return 0 < x.size <= _SMALL_LEAF_SIZE and not jnp.iscomplexobj(x) and not _is_sharded(x)
+class _Group(NamedTuple):
+  """Leaves reduced together: `members` stacked on axis 0 of `data` (when
+  `stacked`; flattened and zero-padded first when `padded`), or one leaf in
+  place (`data` is the leaf)."""
+
+  members: tuple[int, ...]
+  data: jax.Array
+  stacked: bool
+  padded: bool
 
 
-class Buckets:
-  """A tree's floating leaves arranged for reduction.
+class Layout:
+  """A list of floating leaves arranged in groups for reduction.
 
-  Large, complex and sharded leaves are kept as they are (flattened past the
-  batch axes, which copies nothing) and reduced in place. When there are many
-  small leaves, they are cast to the accumulation dtype and concatenated into
-  a few buckets, so that the compiled program holds a few reductions rather
-  than thousands.
+  Every power sum is returned per group, as an array whose leading axis runs
+  over the group's members (length 1 for a leaf in place) followed by the
+  member's dimensions, those reduced kept as size 1. `vector` and `per_leaf`
+  turn such per-group values back into per-leaf ones.
+
+  Args:
+    leaves: The floating or complex leaves.
+    batch_ndim: Number of leading batch axes every leaf has (never reduced).
+    flatten: Whether leaves of unique shapes may be flattened into padded
+      groups; only for reductions over whole leaves.
+    like: Another layout whose grouping to copy (the leaves must have its
+      leaves' shapes), e.g. parameters grouped like their gradients.
   """
 
-  def __init__(self, leaves: Sequence[jax.Array], batch_ndim: int = 0):
+  def __init__(
+    self,
+    leaves: Sequence[jax.Array],
+    batch_ndim: int = 0,
+    *,
+    flatten: bool = True,
+    like: Layout | None = None,
+  ):
     self.leaves = [jnp.asarray(x) for x in leaves]
     self.batch_ndim = batch_ndim
     self.acc = jnp.result_type(jnp.float32, *(accumulation_dtype(x.dtype) for x in self.leaves))
-    small = [i for i, x in enumerate(self.leaves) if _bucketable(x)]
-    if len(small) < _MIN_LEAVES_TO_BUCKET:
-      small = []
-    in_place = sorted(set(range(len(self.leaves))) - set(small))
-    self.groups = [[i] for i in in_place] + [
-      small[k : k + _LEAVES_PER_BUCKET] for k in range(0, len(small), _LEAVES_PER_BUCKET)
-    ]
-    self.rows = [self._row(g) for g in self.groups]
+    if like is not None:
+      plan = [(g.members, g.padded) for g in like.groups]
+    else:
+      plan = self._plan(flatten)
+    self.groups = [self._group(members, padded) for members, padded in plan]
+    order = [i for g in self.groups for i in g.members]
+    self._inverse = np.argsort(np.asarray(order, dtype=np.int64)) if order else None
+    self._in_order = order == sorted(order)
 
-  def _flat(self, x: jax.Array) -> jax.Array:
-    return x.reshape(x.shape[: self.batch_ndim] + (-1,))
-
-  def _row(self, group: list[int]) -> jax.Array:
-    if len(group) == 1:
-      return self._flat(self.leaves[group[0]])
-    return jnp.concatenate([self._flat(self.leaves[i]).astype(self.acc) for i in group], axis=-1)
-
-  def _element_leaf_ids(self, group: list[int]) -> np.ndarray:
-    """For a bucket, the index of the leaf each of its elements comes from."""
-    per_leaf = [self.leaves[i][(0,) * self.batch_ndim].size for i in group]
-    return np.repeat(np.asarray(group), per_leaf)
-
-  def _magnitudes(self, row: jax.Array, down=None) -> jax.Array:
-    m = _magnitude(row, self.acc)
-    if down is None:
-      return m
-    return (m * down[0]) * down[1]
-
-  def total(self, p: float, down=None) -> jax.Array:
-    """sum |x|**p (max |x| for p = inf) over every leaf, per batch index."""
-    if down is not None:
-      down = tuple(jnp.expand_dims(d, -1) for d in down)
-    partials = [_reduce(_powered(self._magnitudes(v, down), p), p, -1) for v in self.rows]
-    return _reduce(jnp.stack(partials), p, axis=0)
-
-  def per_leaf(self, p: float, down=None) -> jax.Array:
-    """Vector of sum |x|**p (max |x| for p = inf), one entry per leaf."""
-    pieces, order = [], []
-    for v, group in zip(self.rows, self.groups):
-      ids = group[0] if len(group) == 1 else self._element_leaf_ids(group)
-      d = None if down is None else (down[0][ids], down[1][ids])
-      t = _powered(self._magnitudes(v, d), p)
-      if len(group) == 1:
-        pieces.append(_reduce(t, p, axis=None)[None])
+  def _plan(self, flatten: bool) -> list[tuple[tuple[int, ...], bool]]:
+    """Groups as (members, padded): stacked by shape, padded, or in place."""
+    b = self.batch_ndim
+    small = [i for i, x in enumerate(self.leaves) if 0 < math.prod(x.shape[b:]) <= _SMALL_LEAF_SIZE]
+    if len(small) < _MIN_LEAVES_TO_GROUP:
+      return [((i,), False) for i in range(len(self.leaves))]
+    by_key: dict[Any, list[int]] = {}
+    for i in small:
+      x = self.leaves[i]
+      by_key.setdefault((x.shape, x.dtype, _sharding_key(x)), []).append(i)
+    stacked, padded, grouped = [], {}, set()
+    for (shape, _, sharding), members in by_key.items():
+      if len(members) > 1:
+        stacked.append(members)
+      elif flatten and sharding is None:
+        size = math.prod(shape[b:])
+        padded.setdefault(max(size - 1, 0).bit_length(), []).extend(members)
       else:
-        segments = np.searchsorted(np.asarray(group), ids)
-        reducer = jax.ops.segment_max if p == math.inf else jax.ops.segment_sum
-        pieces.append(reducer(t, segments, num_segments=len(group), indices_are_sorted=True))
-      order.extend(group)
-    sums = jnp.concatenate(pieces)
-    if order != sorted(order):
-      sums = sums[np.argsort(np.asarray(order))]
-    return sums
-
-  def scale_leaves(self, scales: jax.Array) -> list[jax.Array]:
-    """Each leaf times its entry of `scales`, cast back to the leaf's dtype."""
-    out: list[jax.Array] = [None] * len(self.leaves)  # type: ignore[list-item]
-    for v, group in zip(self.rows, self.groups):
-      if len(group) == 1:
-        x = self.leaves[group[0]]
-        out[group[0]] = (x * scales[group[0]]).astype(x.dtype)
         continue
-      w = v * scales[self._element_leaf_ids(group)]
-      start = 0
-      for i in group:
-        x = self.leaves[i]
-        out[i] = w[start : start + x.size].reshape(x.shape).astype(x.dtype)
-        start += x.size
+      grouped.update(members)
+    plan = [((i,), False) for i in range(len(self.leaves)) if i not in grouped]
+    for members, pad in [(m, False) for m in stacked] + [(m, True) for m in padded.values()]:
+      for k in range(0, len(members), _LEAVES_PER_GROUP):
+        plan.append((tuple(members[k : k + _LEAVES_PER_GROUP]), pad))
+    return plan
+
+  def _group(self, members: tuple[int, ...], padded: bool) -> _Group:
+    xs = [self.leaves[i] for i in members]
+    if len(xs) == 1 and not padded:
+      return _Group(members, xs[0], False, False)
+    if padded:
+      b = self.batch_ndim
+      flat = [_magnitude(x, self.acc).reshape(x.shape[:b] + (-1,)) for x in xs]
+      width = 1 << max(max(f.shape[-1] for f in flat) - 1, 0).bit_length()
+      xs = [jnp.pad(f, [(0, 0)] * b + [(0, width - f.shape[-1])]) for f in flat]
+    elif len({x.dtype for x in xs}) > 1:
+      xs = [_magnitude(x, self.acc) for x in xs]
+    return _Group(members, jnp.stack(xs), True, padded)
+
+  def _axes(self, g: _Group, axes_of: AxesOf | None) -> Axes:
+    """The axes of `g.data` one power sum spans."""
+    shape = g.data.shape[1:] if g.stacked else g.data.shape
+    axes = tuple(range(self.batch_ndim, len(shape))) if axes_of is None else axes_of(shape)
+    return tuple(a + 1 for a in axes) if g.stacked else axes
+
+  def sums(
+    self, p: float, down: list[Down] | None = None, axes_of: AxesOf | None = None
+  ) -> list[jax.Array]:
+    """Per group, sum |x|**p (max |x| for p = inf) over each member's axes.
+
+    Args:
+      p: The power (inf for the largest magnitude).
+      down: Per group, factors multiplying the magnitudes first (`_norm`).
+      axes_of: Maps a member's shape to the axes summed over; None sums over
+        every axis past the batch axes.
+    """
+    out = []
+    for k, g in enumerate(self.groups):
+      m = _magnitude(g.data, self.acc)
+      if down is not None:
+        d0, d1 = down[k] if g.stacked else (down[k][0][0], down[k][1][0])
+        m = (m * d0) * d1
+      s = _reduce(_powered(m, p), p, self._axes(g, axes_of), keepdims=True)
+      out.append(s if g.stacked else s[None])
+    return out
+
+  def vector(self, values: list[jax.Array]) -> jax.Array:
+    """Per-group values of one entry per member, as a vector in leaf order."""
+    if not values:
+      return jnp.zeros((0,), self.acc)
+    flat = jnp.concatenate([v.reshape(v.shape[0]) for v in values])
+    return flat if self._in_order else flat[self._inverse]
+
+  def groupwise(self, vector: jax.Array) -> list[jax.Array]:
+    """A vector with one entry per leaf as per-group values (dims of size 1)."""
+    out = []
+    for g in self.groups:
+      rank = g.data.ndim + (0 if g.stacked else 1)
+      v = vector[np.asarray(g.members)] if len(g.members) > 1 else vector[g.members[0]][None]
+      out.append(v.reshape((len(g.members),) + (1,) * (rank - 1)))
+    return out
+
+  def per_leaf(self, values: list[jax.Array]) -> list[jax.Array]:
+    """Per-group values as one array per leaf, broadcastable to the leaf."""
+    out: list[Any] = [None] * len(self.leaves)
+    for g, v in zip(self.groups, values):
+      for j, i in enumerate(g.members):
+        out[i] = v[j]
     return out
 
 
@@ -194,45 +286,59 @@ def _all_reduce(s: jax.Array, p: float, axis_name: str | None) -> jax.Array:
   return lax.pmax(s, axis_name) if p == math.inf else lax.psum(s, axis_name)
 
 
-def _needs_rescaling(s: jax.Array) -> jax.Array:
+def _needs_rescaling(sums: list[jax.Array]) -> jax.Array:
   """Whether a power sum overflowed, is NaN or lost precision to underflow.
 
-  For a vector of per-leaf sums, an entry that is subnormal counts, and so
-  does an all-zero vector; an entry that underflowed to exactly 0 next to
-  normal ones does not (telling it from a zero leaf would need a second pass
-  at every step).
+  An entry that is subnormal counts, and so does an all-zero set; an entry
+  that underflowed to exactly 0 next to normal ones does not (telling it from
+  a zero leaf would need a second pass at every step).
   """
-  tiny = jnp.finfo(s.dtype).tiny
-  subnormal = (s > 0) & (s < tiny)
-  return jnp.any(~jnp.isfinite(s) | subnormal) | (jnp.sum(s) < tiny)
+  tiny = jnp.finfo(sums[0].dtype).tiny
+  bad = [jnp.any(~jnp.isfinite(s) | ((s > 0) & (s < tiny))) for s in sums]
+  total = sum(jnp.sum(s) for s in sums)
+  return jnp.any(jnp.stack(bad)) | (total < tiny)
 
 
-def _norm(power_sum, p: float) -> jax.Array:
-  """The p-norm from `power_sum(q, down)`, rescaling only when needed.
+def _factors(m: jax.Array) -> tuple[jax.Array, Down, Down]:
+  """For largest magnitudes `m`: where they are usable, and the factors
+  ``2**-e`` and ``2**e`` (``2**e`` is `m` rounded to a power of two), each as
+  two halves so that neither is subnormal."""
+  ok = jnp.isfinite(m) & (m > 0)
+  _, e = jnp.frexp(jnp.where(ok, m, 1))
+  h = (e // 2, e - e // 2)
+  one = jnp.ones_like(m)
+  return (
+    ok,
+    (jnp.ldexp(one, -h[0]), jnp.ldexp(one, -h[1])),
+    (jnp.ldexp(one, h[0]), jnp.ldexp(one, h[1])),
+  )
 
-  The common case is one pass. When the power sum is not finite, or too small
-  to be accurate, every magnitude is multiplied by ``2**-e`` (``2**e`` being
-  the largest magnitude, rounded to a power of two: exact, and applied as two
-  factors so that neither is subnormal) and the result scaled back.
+
+def _norm(power_sums: Callable[[float, list[Down] | None], list[jax.Array]], p: float):
+  """The p-norms from ``power_sums(q, down)``, rescaling only when needed.
+
+  The common case is one pass. When a power sum is not finite, or too small
+  to be accurate, each magnitude is multiplied by the `down` factors of what
+  it is summed with (exact powers of two) and the result scaled back.
   """
-  s = power_sum(p, None)
-  if p == math.inf:  # A max never overflows.
-    return s
+  sums = power_sums(p, None)
+  if p == math.inf or not sums:  # A max never overflows.
+    return sums
 
   def rescaled():
-    m = power_sum(math.inf, None)
-    ok = jnp.isfinite(m) & (m > 0)
-    _, e = jnp.frexp(jnp.where(ok, m, 1))
-    h = (e // 2, e - e // 2)
-    down = tuple(jnp.ldexp(jnp.ones_like(m), -k) for k in h)
-    up = tuple(jnp.ldexp(jnp.ones_like(m), k) for k in h)
-    r = root(power_sum(p, down), p) * up[0] * up[1]
-    return jnp.where(ok, r, lax.stop_gradient(m))
+    maxima = power_sums(math.inf, None)
+    parts = [_factors(m) for m in maxima]
+    again = power_sums(p, [down for _, down, _ in parts])
+    return [
+      jnp.where(ok, root(s, p) * up[0] * up[1], lax.stop_gradient(m))
+      for s, m, (ok, _, up) in zip(again, maxima, parts)
+    ]
 
-  return lax.cond(_needs_rescaling(s), rescaled, lambda: root(s, p))
+  plain = lambda: [root(s, p) for s in sums]  # noqa: E731
+  return lax.cond(_needs_rescaling(sums), rescaled, plain)
 
 
-def norm_of_leaves(
+def tree_norm(
   leaves: Sequence[jax.Array],
   p: float,
   *,
@@ -242,34 +348,44 @@ def norm_of_leaves(
   """The p-norm of `leaves` together (per leading batch index if batch_ndim)."""
   if not leaves:
     return jnp.zeros((), jnp.float32)
-  buckets = Buckets(leaves, batch_ndim)
-  return _norm(lambda q, down: _all_reduce(buckets.total(q, down), q, axis_name), p)
+  layout = Layout(leaves, batch_ndim)
+  b = batch_ndim
+
+  def power_sums(q, down):
+    if down is not None:  # the factors of the total, shaped for every group
+      down = [tuple(_broadcast_batch(d, g, b) for d in down[0]) for g in layout.groups]
+    parts = [_reduce(s, q, (0, *range(b + 1, s.ndim))) for s in layout.sums(q, down)]
+    return [_all_reduce(_reduce(jnp.stack(parts), q, (0,)), q, axis_name)]
+
+  return _norm(power_sums, p)[0]
 
 
-def per_leaf_norms(buckets: Buckets, p: float, *, axis_name: str | None = None) -> jax.Array:
-  """Vector of the p-norm of each leaf of `buckets` separately."""
-  if not buckets.leaves:
-    return jnp.zeros((0,), jnp.float32)
-  return _norm(lambda q, down: _all_reduce(buckets.per_leaf(q, down), q, axis_name), p)
+def _broadcast_batch(d: jax.Array, g: _Group, batch_ndim: int) -> jax.Array:
+  """A per-batch factor shaped to multiply a group's power sums' shape."""
+  rank = g.data.ndim + (0 if g.stacked else 1)
+  return jnp.reshape(d, (1,) + d.shape + (1,) * (rank - 1 - batch_ndim))
 
 
-def norm_along(x: jax.Array, p: float, axis: int | tuple[int, ...] | None) -> jax.Array:
-  """The p-norm of `x` over `axis` (all axes if None), dims kept."""
-  acc = accumulation_dtype(x.dtype)
+def group_norms(
+  layout: Layout, p: float, axes_of: AxesOf | None = None, *, axis_name: str | None = None
+) -> list[jax.Array]:
+  """Per group of `layout`, the p-norm of each member (dims kept as 1), or
+  with `axes_of`, of each unit of each member."""
 
-  def power_sum(q, down):
-    m = _magnitude(x, acc)
-    if down is not None:
-      m = (m * down[0]) * down[1]
-    t = _powered(m, q)
-    if q == math.inf:
-      return jnp.max(t, axis=axis, keepdims=True, initial=0)
-    return jnp.sum(t, axis=axis, keepdims=True)
+  def power_sums(q, down):
+    return [_all_reduce(s, q, axis_name) for s in layout.sums(q, down, axes_of)]
 
-  return _norm(power_sum, p)
+  return _norm(power_sums, p)
 
 
-def global_norm(tree: object, ord: Ord = 2, *, axis_name: str | None = None) -> jax.Array:
+def leaf_norms(layout: Layout, p: float, *, axis_name: str | None = None) -> jax.Array:
+  """Vector of the p-norm of each leaf of `layout` separately."""
+  return layout.vector(group_norms(layout, p, axis_name=axis_name))
+
+
+def global_norm(
+  tree: object, ord: _validate.Ord | None = 2, *, axis_name: str | None = None
+) -> jax.Array:
   """The p-norm of all leaves of a pytree taken together.
 
   Magnitudes are accumulated in float32 (float64 for float64 leaves) whatever
@@ -281,8 +397,8 @@ def global_norm(tree: object, ord: Ord = 2, *, axis_name: str | None = None) -> 
 
   Args:
     tree: A pytree of arrays.
-    ord: The order p of the norm: 2 (Euclidean), 1, ``math.inf`` (or
-      ``'inf'``, the largest magnitude), or any p > 0.
+    ord: The order p of the norm: 2 (Euclidean, also for None), 1,
+      ``math.inf`` (or ``'inf'``, the largest magnitude), or any p > 0.
     axis_name: Inside `jax.shard_map` or `jax.pmap`, the name of the mapped
       axis over which the gradients are split; the partial sums of every
       device are combined so that each device gets the norm of the whole tree.
@@ -293,6 +409,7 @@ def global_norm(tree: object, ord: Ord = 2, *, axis_name: str | None = None) -> 
 
   Raises:
     ValueError: If `ord` is not > 0.
+    TypeError: If a leaf is a Python number rather than an array.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -306,28 +423,42 @@ def global_norm(tree: object, ord: Ord = 2, *, axis_name: str | None = None) -> 
     Array(2.e+20, dtype=float32)
   """
   p = _validate.check_ord(ord)
-  leaves = [x for x in jax.tree.leaves(tree) if is_inexact(x)]
-  return norm_of_leaves(leaves, p, axis_name=axis_name)
+  return tree_norm(inexact_leaves(tree), p, axis_name=axis_name)
 
 
 _UNITWISE_AXES = {2: (0,), 3: (0,), 4: (0, 1, 2), 5: (0, 1, 2, 3)}
 
 
-def unitwise_axes(x: jax.Array, axis: int | tuple[int, ...] | None) -> int | tuple[int, ...] | None:
-  """Reduction axes of a unit-wise norm (`None`: over the whole array)."""
+def unitwise_axes(shape: tuple[int, ...], axis: int | Axes | None) -> Axes:
+  """Reduction axes (non-negative) of a unit-wise norm of an array of `shape`."""
+  ndim = len(shape)
   if axis is not None:
-    return axis
-  if jnp.squeeze(x).ndim <= 1:
-    return None
-  if x.ndim not in _UNITWISE_AXES:
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    if any(not -ndim <= a < ndim for a in axes):
+      raise ValueError(
+        f"`axis={axis!r}` is out of range for an update of shape {shape};"
+        " every leaf must have all the axes named (use `optax.masked` to clip"
+        " leaves of different ranks separately)."
+      )
+    return tuple(sorted({a % ndim for a in axes}))
+  if sum(d != 1 for d in shape) <= 1:
+    return tuple(range(ndim))
+  if ndim not in _UNITWISE_AXES:
     raise ValueError(
       f"unitwise_norm infers its axes for arrays of rank 1 to 5; got shape"
-      f" {x.shape}. Pass `axis=` to name the axes each unit spans."
+      f" {shape}. Pass `axis=` to name the axes each unit spans."
     )
-  return _UNITWISE_AXES[x.ndim]
+  return _UNITWISE_AXES[ndim]
 
 
-def unitwise_norm(x: jax.typing.ArrayLike, axis: int | tuple[int, ...] | None = None) -> jax.Array:
+def norm_along(x: jax.Array, p: float, axis: int | Axes | None) -> jax.Array:
+  """The p-norm of `x` over `axis` (all axes if None), dims kept."""
+  x = jnp.asarray(x)
+  axes = tuple(range(x.ndim)) if axis is None else unitwise_axes(x.shape, axis)
+  return group_norms(Layout([x], flatten=False), p, lambda shape: axes)[0][0]
+
+
+def unitwise_norm(x: jax.typing.ArrayLike, axis: int | Axes | None = None) -> jax.Array:
   """The Euclidean norm of each unit of `x`, broadcast back to `x`'s shape.
 
   A unit is the slice of `x` spanned by `axis`. With `axis=None` the axes
@@ -356,5 +487,6 @@ def unitwise_norm(x: jax.typing.ArrayLike, axis: int | tuple[int, ...] | None = 
            [5., 1.]], dtype=float32)
   """
   x = jnp.asarray(x)
-  norms = norm_along(x, 2.0, unitwise_axes(x, axis))
+  axes = unitwise_axes(x.shape, axis)
+  norms = group_norms(Layout([x], flatten=False), 2.0, lambda shape: axes)[0][0]
   return jnp.broadcast_to(norms, x.shape)

@@ -10,48 +10,13 @@ import jax.numpy as jnp
 from jaxclip import _base, _norms, _validate
 
 
-def _check_batched(grads: Any, fn: str) -> list[jax.Array]:
-  leaves = jax.tree.leaves(grads)
-  if not leaves:
-    raise ValueError(
-      f"`{fn}` got no gradients: pass a pytree of per-example gradients, each"
-      " with the batch on axis 0."
-    )
-  shapes = [jnp.shape(x) for x in leaves]
-  if any(len(s) == 0 or s[0] != shapes[0][0] for s in shapes):
-    raise ValueError(
-      f"`{fn}` needs every gradient to have the batch on axis 0 with one batch"
-      f" size; got shapes {shapes}. Compute per-example gradients with"
-      " `jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, batch)`."
-    )
-  return [jnp.asarray(x) for x in leaves]
-
-
-def _weighted_sum(multipliers: jax.Array, g: jax.Array) -> jax.Array:
-  """sum_i multipliers[i] * g[i], accumulated in float32 (complex64 for
-  complex gradients); floating and complex dtypes are kept."""
-  if not _norms.is_inexact(g):  # integer gradients sum as numbers, as in optax
-    return jnp.tensordot(multipliers, g.astype(multipliers.dtype), axes=1)
-  acc = jnp.result_type(g.dtype, _norms.accumulation_dtype(g.dtype))
-  total = jnp.tensordot(multipliers.astype(acc), g.astype(acc), axes=1)
-  return total.astype(g.dtype)
-
-
-def example_norms(leaves: list[jax.Array]) -> jax.Array:
-  """The L2 norm of each example's gradient over all leaves (batch on axis 0).
-
-  Integer leaves count as numbers here, as in optax's per-example functions.
-  """
-  floats = [x if _norms.is_inexact(x) else x.astype(jnp.float32) for x in leaves]
-  return _norms.norm_of_leaves(floats, 2.0, batch_ndim=1)
-
-
-def _clip_examples(
+def clip_examples(
   leaves: list[jax.Array], l2_norm_clip: jax.typing.ArrayLike
 ) -> tuple[list[jax.Array], jax.Array]:
-  norms = example_norms(leaves)
-  scale, clipped = _base.clip_scale(norms, jnp.asarray(l2_norm_clip, norms.dtype))
-  return [_weighted_sum(scale, g) for g in leaves], jnp.sum(clipped, dtype=jnp.int32)
+  """Per leaf the sum of the clipped examples, and the number clipped."""
+  norms = _norms.tree_norm(_base.as_floating(leaves), 2.0, batch_ndim=1)
+  scale, clipped = _base.example_scale(norms, jnp.asarray(l2_norm_clip, norms.dtype))
+  return _base.weighted_sums(scale, leaves), jnp.sum(clipped, dtype=jnp.int32)
 
 
 def per_example_global_norm_clip(
@@ -63,8 +28,9 @@ def per_example_global_norm_clip(
   example ``i``, whose gradient (over all leaves) has norm ``n_i``, is scaled
   by ``min(1, l2_norm_clip / n_i)``, and the scaled gradients are summed over
   the batch. Norms are accumulated in float32 and never overflow; a zero
-  gradient stays zero; an example with a non-finite norm is not scaled, so the
-  inf or NaN shows in the sum.
+  gradient stays zero. An example whose gradient holds an inf or NaN
+  contributes zero and is counted as clipped: every example's contribution is
+  bounded by `l2_norm_clip`, the guarantee differential privacy rests on.
 
   Args:
     grads: Pytree of per-example gradients, each with the batch on axis 0.
@@ -73,7 +39,7 @@ def per_example_global_norm_clip(
   Returns:
     ``(clipped_sum, num_clipped)``: the sum over the batch of the clipped
     gradients (a pytree shaped like one example's gradient) and the number of
-    examples that were scaled down.
+    examples that were scaled down (non-finite ones included).
 
   Raises:
     ValueError: If a leaf has no batch axis, batch sizes differ, `grads` is
@@ -91,8 +57,8 @@ def per_example_global_norm_clip(
     Privacy](https://arxiv.org/abs/1607.00133), 2016.
   """
   _validate.check_threshold(l2_norm_clip, "l2_norm_clip")
-  leaves = _check_batched(grads, "per_example_global_norm_clip")
-  sums, num_clipped = _clip_examples(leaves, l2_norm_clip)
+  leaves = _base.batched_leaves(grads, "per_example_global_norm_clip")
+  sums, num_clipped = clip_examples(leaves, l2_norm_clip)
   return jax.tree.unflatten(jax.tree.structure(grads), sums), num_clipped
 
 
@@ -133,13 +99,13 @@ def per_example_layer_norm_clip(
     Models](https://arxiv.org/abs/1710.06963), 2018.
   """
   _validate.check_threshold(global_l2_norm_clip, "global_l2_norm_clip")
-  leaves = _check_batched(grads, "per_example_layer_norm_clip")
+  leaves = _base.batched_leaves(grads, "per_example_layer_norm_clip")
   total = sum(x[0].size for x in leaves)
   results = []
   for g in leaves:
     share = 1 / len(leaves) if uniform else g[0].size / max(total, 1)
     clip_k = jnp.asarray(global_l2_norm_clip, jnp.float32) * share**0.5
-    sums, n = _clip_examples([g], clip_k)
+    sums, n = clip_examples([g], clip_k)
     results.append((sums[0], n))
   treedef = jax.tree.structure(grads)
   return (

@@ -28,7 +28,7 @@ def _figure_class() -> Any:
 
 def _history(recorded: Any) -> tuple[np.ndarray, np.ndarray | None]:
   """All recorded global norms (non-finite ones kept) and per-tensor norms."""
-  return _recorder._recorded(recorded)
+  return _recorder.recorded_norms(recorded)
 
 
 def plot_norms(

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxclip import _base, _norms, _validate
+from jaxclip import _base, _norms, _stats, _validate
 
 _REPORTED_PERCENTILES = (50.0, 90.0, 95.0, 99.0)
 _TABLE_PERCENTILES = (50.0, 75.0, 90.0, 95.0, 99.0, 100.0)
@@ -40,6 +40,12 @@ class RecordNormsState(NamedTuple):
   count: jax.Array
   global_norm: jax.Array
   norms: jax.Array
+
+  stats_name = "record_norms"
+
+  def summary(self) -> dict[str, jax.Array]:
+    """What `jaxclip.stats` reports."""
+    return {"recorded": jnp.minimum(self.count, self.global_norm.shape[0]), "count": self.count}
 
 
 def record_norms(
@@ -107,8 +113,11 @@ def record_norms(
 
     def record(s):
       dtype = s.global_norm.dtype
-      g = _norms.norm_of_leaves(leaves, 2.0).astype(dtype)
-      row = _norms.per_leaf_norms(_norms.Buckets(leaves), 2.0) if k else jnp.zeros((0,))
+      if k:  # the global norm from the per-tensor ones: one pass over the updates
+        row = _norms.leaf_norms(_norms.Layout(leaves), 2.0)
+        g = _norms.tree_norm([row], 2.0).astype(dtype)
+      else:
+        row, g = jnp.zeros((0,)), _norms.tree_norm(leaves, 2.0).astype(dtype)
       return s._replace(
         global_norm=s.global_norm.at[s.count].set(g),
         norms=s.norms.at[s.count].set(row.astype(dtype)),
@@ -182,7 +191,7 @@ class ThresholdSuggestion:
     return self.explain()
 
 
-def _recorded(obj: Any) -> tuple[np.ndarray, np.ndarray | None]:
+def recorded_norms(obj: Any) -> tuple[np.ndarray, np.ndarray | None]:
   """(global norms, per-tensor norms or None) from a state or arrays."""
   if isinstance(obj, jax.Array | np.ndarray | list):
     arr = np.asarray(obj, dtype=np.float64)
@@ -201,8 +210,6 @@ def _recorded(obj: Any) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _one_recorder(obj: Any) -> RecordNormsState:
-  from jaxclip import _stats  # _stats imports this module
-
   state = _stats.as_optimizer_state(obj)
   found = [f.record for f in _stats.find_records(state) if isinstance(f.record, RecordNormsState)]
   if len(found) != 1:
@@ -212,7 +219,7 @@ def _one_recorder(obj: Any) -> RecordNormsState:
       f" {type(obj).__name__}. Chain `jaxclip.record_norms(num_steps)` into the"
       " optimizer, or pass the recorder's state itself."
     )
-  return RecordNormsState(*(_stats._unwrap(f) for f in found[0]))
+  return RecordNormsState(*(_stats.unwrap(f) for f in found[0]))
 
 
 def _round_sig(x: float, digits: int = 2) -> float:
@@ -297,7 +304,7 @@ def suggest_max_norm(
       f"`percentile` must be in (0, 100], got {percentile!r}; 90 clips about one step in ten."
     )
   percentile = float(percentile)
-  g_all, per = _recorded(recorded)
+  g_all, per = recorded_norms(recorded)
   finite = np.isfinite(g_all)
   g = g_all[finite]
   if g.size < min_steps:
@@ -330,8 +337,6 @@ def suggest_max_norm(
 def _dominant(g, per, finite, params) -> tuple[tuple[str, float], ...]:
   if per is None:
     return ()
-  from jaxclip import _stats  # _stats imports this module
-
   names = [f"tensor {i}" for i in range(per.shape[1])]
   if params is not None:
     names = _stats.tensor_names(params)

@@ -3,12 +3,14 @@
 `stats` walks any optimizer state (optax chains and wrappers, jaxclip guards,
 a Flax `TrainState`, an `nnx.Optimizer`), finds the jaxclip records in it by
 type and returns their fields as scalar arrays under stable, readable keys.
-One registry, `_REGISTRY`, lists the record types and what each reports.
+Each jaxclip state says itself what it reports: a `stats_name` class
+attribute, a `summary()` method and, for per-tensor states, the
+`per_tensor_fields` expanded per tensor. States of other libraries that
+jaxclip reports (`optax.apply_if_finite`'s) are listed in `_FOREIGN`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -18,156 +20,35 @@ import numpy as np
 import optax
 
 from jaxclip import _norms
-from jaxclip._adaptive import AdaGCState, AutoClipState, QuantileClipState
-from jaxclip._clipping import ClipByGlobalNormState, ClipByValueState, PerTensorClipState
-from jaxclip._guards import SkipNonFiniteState, SkipOnSpikeState
-from jaxclip._recorder import RecordNormsState
-from jaxclip._zclip import ZClipState
 
 Scalars = dict[str, jax.Array]
 
 
-class _Spec(NamedTuple):
-  """How a record type is reported.
-
-  Attributes:
-    name: Short name, used to tell several records apart in keys.
-    scalars: Maps a record to its scalar entries (key suffix -> value).
-    vectors: Fields holding one entry per floating leaf, expanded per tensor
-      when `stats` is given `params`.
-  """
-
-  name: str
-  scalars: Callable[[Any], Scalars]
-  vectors: tuple[str, ...] = ()
-
-
-def _per_tensor_summary(norm: Any, scale: Any, clipped: Any) -> Scalars:
-  """Scalar summaries of per-tensor vectors (empty vectors included)."""
-  k = max(int(np.shape(norm)[0]), 1)
+def _apply_if_finite(s: optax.ApplyIfFiniteState) -> Scalars:
   return {
-    "norm_max": jnp.max(norm, initial=0),
-    "scale_min": jnp.min(scale, initial=1),
-    "clipped": jnp.any(clipped),
-    "clipped_fraction": jnp.sum(clipped, dtype=jnp.float32) / k,
+    "skipped": ~s.last_finite,
+    "total_skipped": s.total_notfinite,
+    "consecutive_skipped": s.notfinite_count,
   }
 
 
-def _threshold_min(threshold: Any) -> jax.Array:
-  return jnp.min(threshold, initial=math.inf).astype(threshold.dtype)
-
-
-def _global_clip(s: Any) -> dict[str, jax.Array]:
-  """The fields every global-norm clipper records."""
-  return {"global_norm": s.norm, "threshold": s.threshold, "scale": s.scale, "clipped": s.clipped}
-
-
-_REGISTRY: dict[type, _Spec] = {
-  ClipByGlobalNormState: _Spec(
-    "clip_by_global_norm",
-    lambda s: {
-      **_global_clip(s),
-      "count": s.count,
-    },
-  ),
-  ClipByValueState: _Spec(
-    "clip_by_value",
-    lambda s: {
-      "max_abs": s.max_abs,
-      "clipped": s.clipped,
-      "clipped_fraction": s.clipped_fraction,
-      "count": s.count,
-    },
-  ),
-  PerTensorClipState: _Spec(
-    "per_tensor",
-    lambda s: {
-      **_per_tensor_summary(s.norm, s.scale, s.clipped),
-      "threshold": s.threshold,
-      "count": s.count,
-    },
-    ("norm", "scale", "clipped"),
-  ),
-  AutoClipState: _Spec(
-    "autoclip",
-    lambda s: {
-      **_global_clip(s),
-      "count": s.count,
-    },
-  ),
-  AdaGCState: _Spec(
-    "adagc",
-    lambda s: {
-      "global_norm": s.global_norm,
-      **_per_tensor_summary(s.norm, s.scale, s.clipped),
-      "threshold_min": _threshold_min(s.threshold),
-      "count": s.count,
-    },
-    ("norm", "scale", "clipped", "threshold"),
-  ),
-  QuantileClipState: _Spec(
-    "quantile_clip",
-    lambda s: {
-      **_global_clip(s),
-      "fraction_below": s.fraction,
-      "next_threshold": s.max_norm,
-      "count": s.count,
-    },
-  ),
-  ZClipState: _Spec(
-    "zclip",
-    lambda s: {
-      **_global_clip(s),
-      "spike": s.spike,
-      "zscore": s.zscore,
-      "norm_mean": s.mean,
-      "norm_std": jnp.sqrt(jnp.maximum(s.var, 0)),
-      "count": s.count,
-    },
-  ),
-  SkipOnSpikeState: _Spec(
-    "skip_on_spike",
-    lambda s: {
-      "global_norm": s.norm,
-      "loss": s.loss,
-      "skipped": s.skipped,
-      "total_skipped": s.total_skipped,
-      "count": s.count,
-    },
-  ),
-  SkipNonFiniteState: _Spec(
-    "skip_nonfinite",
-    lambda s: {
-      "nonfinite": ~s.last_finite,
-      "total_skipped": s.total_skipped,
-      "consecutive_skipped": s.consecutive_skipped,
-      "applied_nonfinite": s.applied_nonfinite,
-      "count": s.count,
-    },
-  ),
-  optax.ApplyIfFiniteState: _Spec(
-    "apply_if_finite",
-    lambda s: {
-      "skipped": ~s.last_finite,
-      "total_skipped": s.total_notfinite,
-      "consecutive_skipped": s.notfinite_count,
-    },
-  ),
-  RecordNormsState: _Spec(
-    "record_norms",
-    lambda s: {
-      "recorded": jnp.minimum(s.count, s.global_norm.shape[0]),
-      "count": s.count,
-    },
-  ),
+# States from other libraries, reported in jaxclip's terms: (name, report).
+_FOREIGN: dict[type, tuple[str, Callable[[Any], Scalars]]] = {
+  optax.ApplyIfFiniteState: ("apply_if_finite", _apply_if_finite),
 }
+
+
+def _is_record(x: Any) -> bool:
+  """A jaxclip state (it says itself what it reports) or a known foreign one."""
+  return hasattr(type(x), "stats_name") or type(x) in _FOREIGN
+
 
 _INJECT_TYPES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
 # Fields of wrapper states that only hold the wrapped state: left out of keys.
 _TRANSPARENT = frozenset({"inner_state", "inner_states", "inner_opt_state", "opt_state"})
 
 
-def _unwrap(x: Any) -> Any:
+def unwrap(x: Any) -> Any:
   """The array inside an `nnx.Variable` (as held by `nnx.Optimizer`), else x."""
   get_value = getattr(x, "get_value", None)
   if get_value is not None and not isinstance(x, jax.Array | np.ndarray):
@@ -207,7 +88,7 @@ class _Found(NamedTuple):
 
 
 def _is_node(x: Any) -> bool:
-  return isinstance(x, tuple(_REGISTRY) + _INJECT_TYPES)
+  return _is_record(x) or isinstance(x, _INJECT_TYPES)
 
 
 def find_records(tree: Any, path: tuple[Any, ...] = ()) -> list[_Found]:
@@ -233,7 +114,9 @@ def as_optimizer_state(obj: Any) -> Any:
 def _name_of(record: Any) -> str:
   if isinstance(record, _INJECT_TYPES):
     return "inject_hyperparams"
-  return _REGISTRY[type(record)].name
+  if type(record) in _FOREIGN:
+    return _FOREIGN[type(record)][0]
+  return type(record).stats_name
 
 
 def _qualifiers(found: list[_Found]) -> list[str]:
@@ -255,15 +138,16 @@ def _report(record: Any, names: list[str] | None) -> Scalars:
   if isinstance(record, _INJECT_TYPES):
     out = {}
     for k, v in sorted(record.hyperparams.items()):
-      v = _unwrap(v)
+      v = unwrap(v)
       if np.ndim(v) == 0 and np.issubdtype(jnp.asarray(v).dtype, np.number):
         out[f"hyperparams/{k}"] = jnp.asarray(v)
     return out
-  spec = _REGISTRY[type(record)]
-  record = type(record)(*(_unwrap(f) for f in record))
-  out = spec.scalars(record)
+  record = type(record)(*(unwrap(f) for f in record))
+  if type(record) in _FOREIGN:
+    return _FOREIGN[type(record)][1](record)
+  out = record.summary()
   if names is not None:
-    for field in spec.vectors:
+    for field in getattr(type(record), "per_tensor_fields", ()):
       vec = getattr(record, field)
       if vec.shape[0] != len(names):
         raise ValueError(

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxclip import _base, _norms, _validate
+from jaxclip import _base, _core, _validate
 
 __all__ = ["ZClipState", "zclip"]
 
@@ -47,16 +47,28 @@ class ZClipState(NamedTuple):
   warmup_norms: jax.Array
   filled: jax.Array
 
+  stats_name = "zclip"
+
+  def summary(self) -> dict[str, jax.Array]:
+    """What `jaxclip.stats` reports."""
+    return {
+      **_core.global_summary(self),
+      "spike": self.spike,
+      "zscore": self.zscore,
+      "norm_mean": self.mean,
+      "norm_std": jnp.sqrt(jnp.maximum(self.var, 0)),
+    }
+
 
 def zclip(
   alpha: jax.typing.ArrayLike = 0.97,
   z_thresh: jax.typing.ArrayLike = 2.5,
   warmup_steps: int = 25,
   max_norm: jax.typing.ArrayLike | None = 1.0,
+  *,
   mode: str = "zscore",
   clip_option: str = "adaptive_scaling",
   skip_update_on_spike: bool = False,
-  *,
   clip_factor: jax.typing.ArrayLike = 1.0,
   eps: jax.typing.ArrayLike = 1e-6,
   axis_name: str | None = None,
@@ -132,13 +144,12 @@ def zclip(
   if max_norm is not None:
     _validate.check_threshold(max_norm, "max_norm")
   warmup = _validate.check_int(warmup_steps, "warmup_steps", 1)
+  skip_update_on_spike = _validate.check_bool(skip_update_on_spike, "skip_update_on_spike")
   mode = _validate.check_choice(mode, "mode", _MODES)
   if mode == "zscore":
     clip_option = _validate.check_choice(clip_option, "clip_option", _CLIP_OPTIONS)
 
-  def init_fn(params):
-    dtype = _base.record_dtype(params)
-
+  def init_state(dtype, k):
     # A fresh array per field: donated states share no buffer.
     def z():
       return jnp.zeros([], dtype)
@@ -165,14 +176,10 @@ def zclip(
     bound = (mean + zt * std / (z / zt)) * jnp.asarray(clip_factor, norm.dtype)
     return bound, z > zt, z
 
-  def update_fn(updates, state, params=None, **extra_args):
-    _base.expect_state(state, ZClipState, "zclip")
-    del params, extra_args
-    norm = _norms.global_norm(updates, axis_name=axis_name)
+  def decide(norm, state, count, extra_args):
     dtype = norm.dtype
     finite = jnp.isfinite(norm)
-    cap = jnp.inf if max_norm is None else max_norm
-    cap = _base.resolve(cap, state.count, dtype)
+    cap = _base.resolve(jnp.inf if max_norm is None else max_norm, count, dtype)
     warming = state.filled < warmup
 
     # Warmup: record the norm; initialise the statistics once the sample is full.
@@ -187,8 +194,7 @@ def zclip(
     # After warmup: z-score against the EMA.
     bound, spike, z = adaptive(norm, state.mean, state.var)
     spike = ~warming & finite & spike
-    threshold = jnp.minimum(jnp.where(spike, bound, jnp.inf), cap).astype(dtype)
-    scale, clipped = _base.clip_scale(norm, threshold)
+    threshold = jnp.minimum(jnp.where(spike, bound, jnp.inf), cap)
     x = jnp.where(spike, bound, norm)
     a = jnp.asarray(alpha, dtype)
     ema_mean = a * state.mean + (1 - a) * x
@@ -196,14 +202,13 @@ def zclip(
     step = ~warming & finite
     if skip_update_on_spike:
       step = step & ~spike
+    return threshold, dict(
+      spike=spike,
+      zscore=jnp.where(warming, 0, z),
+      mean=jnp.where(ready, w_mean, jnp.where(step, ema_mean, state.mean)),
+      var=jnp.where(ready, w_var, jnp.where(step, ema_var, state.var)),
+      warmup_norms=buf,
+      filled=filled,
+    )
 
-    mean = jnp.where(ready, w_mean, jnp.where(step, ema_mean, state.mean)).astype(dtype)
-    var = jnp.where(ready, w_var, jnp.where(step, ema_var, state.var)).astype(dtype)
-    new_state = ZClipState(
-        state.count + 1, norm, threshold, scale, clipped, spike,
-        jnp.where(warming, 0, z).astype(dtype), mean, var, buf, filled,
-    )  # fmt: skip
-    updates = _base.map_inexact(lambda x: _base.scale_leaf(x, scale), updates)
-    return updates, new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _core.global_clipper("zclip", ZClipState, init_state, decide, axis_name=axis_name)

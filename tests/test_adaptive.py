@@ -275,7 +275,7 @@ def test_quantile_clip_matches_reference():
   ref, _ = ref_quantile([[_np_norm(g)] for g in grads], 0.3, 0.2, 0.5)
   for g, u, s, (c, b) in zip(grads, outs, states, ref, strict=True):
     np.testing.assert_allclose(s.threshold, c, rtol=1e-4)
-    np.testing.assert_allclose(s.fraction, b)
+    np.testing.assert_allclose(s.fraction_below, b)
     coef = min(1.0, c / _np_norm(g))
     np.testing.assert_allclose(u["w"], g["w"] * coef, rtol=1e-4, atol=1e-6)
 
@@ -288,10 +288,10 @@ def test_quantile_clip_per_example_matches_reference_and_converges():
   ref, c_final = ref_quantile([b[:, 0] for b in batches], 0.5, 0.2, 0.1)
   for b, u, s, (c, frac) in zip(batches, outs, states, ref, strict=True):
     np.testing.assert_allclose(s.threshold, c, rtol=1e-4)
-    np.testing.assert_allclose(s.fraction, frac)
+    np.testing.assert_allclose(s.fraction_below, frac)
     np.testing.assert_allclose(u["x"], [np.sum(np.minimum(b[:, 0], c))], rtol=1e-4)
-  assert abs(float(states[-1].max_norm) - 1.0) < 0.15  # the median of lognormal(0, .5)
-  np.testing.assert_allclose(states[-1].max_norm, c_final, rtol=1e-4)
+  assert abs(float(states[-1].next_threshold) - 1.0) < 0.15  # the median of lognormal(0, .5)
+  np.testing.assert_allclose(states[-1].next_threshold, c_final, rtol=1e-4)
 
 
 def test_quantile_clip_count_noise_uses_key():
@@ -300,14 +300,14 @@ def test_quantile_clip_count_noise_uses_key():
   s0 = tx.init({"x": jnp.ones(3)})
   _, s1 = tx.update(batch, s0)
   _, s1b = jax.jit(tx.update)(batch, s0)
-  np.testing.assert_allclose(s1.fraction, s1b.fraction)
+  np.testing.assert_allclose(s1.fraction_below, s1b.fraction_below)
   assert not np.array_equal(s1.key, s0.key)
   noise = np.asarray(jax.random.normal(jax.random.split(s0.key)[1], ()))
-  np.testing.assert_allclose(s1.fraction, (0 + 2.0 * noise) / 8, rtol=1e-5)  # norms sqrt3 > 1
+  np.testing.assert_allclose(s1.fraction_below, (0 + 2.0 * noise) / 8, rtol=1e-5)  # norms sqrt3 > 1
   key = jax.random.PRNGKey(9)
   _, s2 = tx.update(batch, s0, key=key)
   np.testing.assert_allclose(
-    s2.fraction, 2.0 * np.asarray(jax.random.normal(key, ())) / 8, rtol=1e-5
+    s2.fraction_below, 2.0 * np.asarray(jax.random.normal(key, ())) / 8, rtol=1e-5
   )
   np.testing.assert_array_equal(s2.key, s0.key)
 

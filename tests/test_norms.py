@@ -129,12 +129,36 @@ def test_ord_none_is_the_euclidean_norm_as_in_the_transforms():
   assert float(jaxclip.global_norm(jnp.array([3.0, 4.0]), None)) == 5.0
 
 
-def test_per_leaf_norms_keep_leaf_order_with_buckets():
-  leaves = [jnp.full((3,), float(i)) for i in range(40)] + [jnp.full((20000,), 2.0)]
-  leaves = leaves[20:] + leaves[:20]  # a large leaf in the middle of small ones
-  got = _norms.per_leaf_norms(_norms.Buckets(leaves), 2.0)
-  expected = [np.linalg.norm(np.asarray(x)) for x in leaves]
+def _mixed_leaves(scale=1.0):
+  """Leaves of every group kind: stacked (repeated shapes), padded (unique
+  small shapes), in place (large), in a shuffled order."""
+  leaves = [jnp.full((3,), float(i)) for i in range(40)]  # one shape: stacked
+  leaves += [jnp.arange(1.0, n + 1.0) for n in (5, 7, 9, 33, 100)]  # unique: padded
+  leaves += [jnp.full((2, 3, 4), -1.5), jnp.full((20000,), 2.0)]  # unique 3-D, large
+  order = np.random.default_rng(0).permutation(len(leaves))
+  return [scale * leaves[i] for i in order]
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e25, 1e-30])  # plain, overflowing, underflowing
+def test_leaf_norms_keep_leaf_order_in_every_group_kind(scale):
+  leaves = _mixed_leaves(scale)
+  layout = _norms.Layout(leaves)
+  assert {g.stacked for g in layout.groups} == {True, False}
+  assert any(g.padded for g in layout.groups)
+  got = _norms.leaf_norms(layout, 2.0)
+  expected = [np.linalg.norm(np.asarray(x, np.float64)) for x in leaves]
   np.testing.assert_allclose(got, expected, rtol=1e-6)
+  total = _norms.tree_norm(leaves, 2.0)
+  np.testing.assert_allclose(total, np.linalg.norm(expected), rtol=1e-6)
+
+
+def test_grouped_programs_hold_no_per_element_constants():
+  # 64 leaves of (128, 128): ids of the leaf of every element would be 1M
+  # constants; the grouped program must stay small whatever the leaf size.
+  tree = [jnp.ones((128, 128)) for _ in range(64)]
+  for tx in (jaxclip.clip_by_norm(1.0), jaxclip.clip_by_block_rms(1.0)):
+    text = jax.jit(tx.update).lower(tree, tx.init(tree)).as_text()
+    assert len(text) < 200_000, len(text)
 
 
 @pytest.mark.parametrize(
