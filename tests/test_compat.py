@@ -347,3 +347,165 @@ def test_tf_pytrees_and_transforms_keep_structure():
   tx = ctf.clip_by_global_norm_transform(1.0)
   out, _ = tx.update({"w": [3.0, 4.0]}, tx.init(None))
   np.testing.assert_allclose([out["w"][0], out["w"][1]], [0.6, 0.8], rtol=1e-6)
+
+
+# Cases of PyTorch's own tests (test/test_nn.py: test_clip_grad_norm,
+# test_clip_grad_value, test_clip_grad_norm_error_if_nonfinite).
+
+TORCH_NORM_TYPES = [0.5, 1.5, 2, 4, "inf"]
+
+
+def _torch_linear_grads(weight, bias):
+  return {"weight": jnp.asarray(weight, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
+
+
+def _np_norm(tree, norm_type):
+  x = np.concatenate([np.asarray(v, np.float64).ravel() for v in jax.tree.leaves(tree)])
+  p = float(norm_type)
+  return np.abs(x).max() if p == math.inf else (np.abs(x) ** p).sum() ** (1 / p)
+
+
+@pytest.mark.parametrize("norm_type", TORCH_NORM_TYPES)
+def test_torch_clip_grad_norm_cases(norm_type):
+  max_norm = 2
+  grads = _torch_linear_grads(np.arange(1.0, 101).reshape(10, 10), np.ones(10) / 1000)
+  clipped, norm = ctorch.clip_grad_norm(grads, max_norm, norm_type)
+  np.testing.assert_allclose(norm, _np_norm(grads, norm_type), rtol=1e-5)
+  np.testing.assert_allclose(_np_norm(clipped, norm_type), max_norm, rtol=1e-5)
+  ratios = np.concatenate([np.ravel(clipped[k] / grads[k]) for k in grads])
+  np.testing.assert_allclose(ratios, ratios[0], rtol=1e-6)  # one factor for all
+  # Small gradients are left unchanged: the factor is clamped to exactly 1.
+  small = _torch_linear_grads(np.random.default_rng(0).random((10, 10)) / 10000, np.ones(10) / 500)
+  clipped, norm = ctorch.clip_grad_norm(small, max_norm, norm_type)
+  np.testing.assert_allclose(norm, _np_norm(small, norm_type), rtol=1e-5)
+  jax.tree.map(np.testing.assert_array_equal, clipped, small)
+  # A single array is a pytree of one leaf, like PyTorch's single tensor.
+  g = jnp.arange(1.0, 101).reshape(10, 10)
+  single, _ = ctorch.clip_grad_norm(g, max_norm, norm_type)
+  listed, _ = ctorch.clip_grad_norm([g], max_norm, norm_type)
+  np.testing.assert_array_equal(single, listed[0])
+
+
+def test_torch_clip_grad_value_cases():
+  clip_value = 2.5
+  grad_w, grad_b = jnp.arange(-50.0, 50).reshape(10, 10) / 5, jnp.ones(10) * 2
+  for grads in ([grad_w, grad_b], [grad_w, None]):
+    clipped = ctorch.clip_grad_value(grads, clip_value)
+    for c in clipped:
+      if c is not None:
+        assert float(c.max()) <= clip_value and float(c.min()) >= -clip_value
+    assert (clipped[1] is None) == (grads[1] is None)
+  np.testing.assert_array_equal(
+    ctorch.clip_grad_value(grad_w, clip_value), ctorch.clip_grad_value([grad_w], clip_value)[0]
+  )
+
+
+# PyTorch's table of test_clip_grad_norm_error_if_nonfinite, in float32 (jax
+# runs without float64 by default): its 2e22 (finite for every order) becomes
+# 2e9, and its 2e200 (whose squares overflow and whose inverse squares
+# underflow) becomes 2e25.
+_POS = [0.1, 1, 2, 3.5, math.inf]
+_NEG = [-0.1, -1, -2, -3.5]
+_EXCEPT_0 = _POS + _NEG
+_ALL = [*_EXCEPT_0, 0]
+TORCH_NONFINITE_TABLE = [
+  # one_elem, prefix_param, scalars, orders with a non-finite norm, finite ones
+  (False, False, [math.inf, -math.inf], _EXCEPT_0, [0]),
+  (False, True, [math.inf, -math.inf], _POS, [*_NEG, 0]),
+  (True, False, [math.inf, -math.inf], _POS, [*_NEG, 0]),
+  (True, True, [math.inf, -math.inf], _POS, [*_NEG, 0]),
+  (False, False, [math.nan], _EXCEPT_0, [0]),
+  (False, True, [math.nan], _EXCEPT_0, [0]),
+  (True, False, [math.nan], _EXCEPT_0, [0]),
+  (True, True, [math.nan], _EXCEPT_0, [0]),
+  (False, False, [2e9, -2e9], [], _ALL),
+  (False, True, [2e9, -2e9], [], _ALL),
+  (True, False, [2e9, -2e9], [], _ALL),
+  (True, True, [2e9, -2e9], [], _ALL),
+  (False, False, [2e25, -2e25], [3.5, 2, -2, -3.5], [math.inf, 1, 0.1, 0, -1, -0.1]),
+  (False, True, [2e25, -2e25], [3.5, 2], [*_NEG, math.inf, 1, 0.1, 0]),
+  (True, False, [2e25, -2e25], [3.5, 2], [*_NEG, math.inf, 1, 0.1, 0]),
+  (True, True, [2e25, -2e25], [3.5, 2], [*_NEG, math.inf, 1, 0.1, 0]),
+]
+
+
+def torch_nonfinite_grads(scalar, one_elem, prefix_param):
+  """The gradients of PyTorch's test: `scalar` in one or all of 10 entries."""
+  grad = np.zeros(10, np.float32) if one_elem else np.full(10, scalar, np.float32)
+  if one_elem:
+    grad[1] = scalar
+  return [np.ones(1, np.float32), grad] if prefix_param else [grad]
+
+
+def torch_nonfinite_cases():
+  for one_elem, prefix, scalars, nonfinite, finite in TORCH_NONFINITE_TABLE:
+    for scalar in scalars:
+      for norm_type in nonfinite:
+        yield torch_nonfinite_grads(scalar, one_elem, prefix), norm_type, True
+      for norm_type in finite:
+        yield torch_nonfinite_grads(scalar, one_elem, prefix), norm_type, False
+
+
+def test_torch_error_if_nonfinite_table():
+  for grads, norm_type, nonfinite in torch_nonfinite_cases():
+    case = (grads, norm_type)
+    _, norm = ctorch.clip_grad_norm(grads, 1, norm_type)  # never raises by default
+    assert bool(np.isfinite(norm)) != nonfinite, case
+    if nonfinite:
+      # The regex of PyTorch's test.
+      with pytest.raises(RuntimeError, match=f"The total norm of order {float(norm_type)} for"):
+        ctorch.clip_grad_norm(grads, 1, norm_type=norm_type, error_if_nonfinite=True)
+    else:
+      ctorch.clip_grad_norm(grads, 1, norm_type=norm_type, error_if_nonfinite=True)
+
+
+def _float_error(value):
+  try:
+    float(value)
+  except (TypeError, ValueError) as e:
+    return type(e), str(e)
+  raise AssertionError(f"float({value!r}) did not raise")
+
+
+def test_torch_error_messages_begin_with_pytorchs():
+  message = (
+    "The total norm of order 2.0 for gradients from `parameters` is non-finite, so it cannot"
+    " be clipped. To disable this error and scale the gradients by the non-finite norm anyway,"
+    " set `error_if_nonfinite=False`"
+  )
+  with pytest.raises(RuntimeError) as info:
+    ctorch.get_total_norm([jnp.array([1.0, jnp.inf])], error_if_nonfinite=True)
+  assert str(info.value).startswith(message)
+  err, _ = checkify.checkify(jax.jit(lambda g: ctorch.get_total_norm(g, error_if_nonfinite=True)))(
+    [jnp.array([jnp.nan])]
+  )
+  with pytest.raises(checkify.JaxRuntimeError) as info:
+    err.throw()
+  assert str(info.value).startswith(message)
+  # Arguments go through `float`, as in PyTorch, whose errors come first.
+  for bad in ("euclid", None, [2.0], object()):
+    error, text = _float_error(bad)
+    for call in (
+      lambda bad=bad: ctorch.get_total_norm([jnp.ones(2)], bad),
+      lambda bad=bad: ctorch.clip_grad_norm_transform(1.0, bad),
+      lambda bad=bad: ctorch.clip_grad_norm([jnp.ones(2)], bad),
+      lambda bad=bad: ctorch.clip_grad_value([jnp.ones(2)], bad),
+    ):
+      with pytest.raises(error) as info:
+        call()
+      assert str(info.value).startswith(text), (str(info.value), text)
+  for call in (
+    lambda: ctorch.clip_grad_norm([jnp.ones(2)], jnp.ones(2)),
+    lambda: ctorch.clip_grad_value([jnp.ones(2)], jnp.ones(2)),
+    lambda: jax.jit(lambda c: ctorch.clip_grad_value([jnp.ones(2)], c))(jnp.ones(2)),
+  ):
+    with pytest.raises(ValueError, match="^only one element tensors can be converted"):
+      call()
+  # What PyTorch accepts: numeric strings, one-element arrays, bools.
+  g = [jnp.array([3.0, 4.0])]
+  ref, _ = ctorch.clip_grad_norm(g, 1.0, 2.0)
+  for max_norm, norm_type in [("1.0", "2"), (jnp.ones(1), 2), (1.0, jnp.array(2.0))]:
+    np.testing.assert_array_equal(ctorch.clip_grad_norm(g, max_norm, norm_type)[0][0], ref[0])
+  assert float(ctorch.get_total_norm(g, True)) == 7.0  # float(True) == 1: the 1-norm
+  with pytest.raises(TypeError, match=r"\['w'\]"):
+    ctorch.clip_grad_norm({"w": 3.0}, 1.0)

@@ -174,3 +174,114 @@ def test_error_if_nonfinite_matches_pytorch():
     torch.nn.utils.get_total_norm([_t(gs[0])], error_if_nonfinite=True)
   with pytest.raises(RuntimeError, match="non-finite"):
     ctorch.clip_grad_norm(gs, 1.0, error_if_nonfinite=True)
+
+
+def test_error_if_nonfinite_table_matches_pytorch():
+  # PyTorch's test_clip_grad_norm_error_if_nonfinite table, in float32.
+  from tests.test_compat import torch_nonfinite_cases
+
+  for grads, norm_type, _ in torch_nonfinite_cases():
+    params = []
+    for g in grads:
+      p = torch.nn.Parameter(torch.zeros(g.shape))
+      p.grad = torch.from_numpy(g.copy())
+      params.append(p)
+    try:
+      torch.nn.utils.clip_grad_norm_(params, 1, norm_type=norm_type, error_if_nonfinite=True)
+      want = None
+    except RuntimeError as e:
+      want = str(e)
+    if want is None:
+      ctorch.clip_grad_norm(grads, 1, norm_type=norm_type, error_if_nonfinite=True)
+    else:
+      with pytest.raises(RuntimeError) as info:
+        ctorch.clip_grad_norm(grads, 1, norm_type=norm_type, error_if_nonfinite=True)
+      assert str(info.value).startswith(want), (str(info.value), want)
+
+
+def _error(fn):
+  try:
+    fn()
+  except Exception as e:  # noqa: BLE001 - any error, compared below
+    return type(e), str(e)
+  return None
+
+
+@pytest.mark.parametrize("bad", ["euclid", None, [2.0], object(), "", 1j])
+def test_argument_errors_begin_with_pytorchs(bad):
+  def params():
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.ones(2)
+    return [p]
+
+  g = [np.ones(2, np.float32)]
+  pairs = [
+    (
+      lambda: torch.nn.utils.get_total_norm([torch.ones(2)], bad),
+      lambda: ctorch.get_total_norm(g, bad),
+    ),
+    (lambda: torch.nn.utils.clip_grad_norm_(params(), bad), lambda: ctorch.clip_grad_norm(g, bad)),
+    (
+      lambda: torch.nn.utils.clip_grad_norm_(params(), 1.0, bad),
+      lambda: ctorch.clip_grad_norm(g, 1.0, bad),
+    ),
+    (
+      lambda: torch.nn.utils.clip_grad_value_(params(), bad),
+      lambda: ctorch.clip_grad_value(g, bad),
+    ),
+  ]
+  for theirs, ours in pairs:
+    want, got = _error(theirs), _error(ours)
+    assert want is not None and got is not None, (want, got)
+    assert got[0] is want[0] and got[1].startswith(want[1]), (got, want)
+
+
+def test_array_arguments_like_tensors():
+  def params():
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([3.0, 4.0])
+    return [p]
+
+  g = [np.array([3.0, 4.0], np.float32)]
+  # More than one element: PyTorch's ValueError for tensors.
+  want = _error(lambda: torch.nn.utils.clip_grad_norm_(params(), torch.ones(2)))
+  got = _error(lambda: ctorch.clip_grad_norm(g, jnp.ones(2)))
+  assert got[0] is want[0] and got[1].startswith(want[1]), (got, want)
+  want = _error(lambda: torch.nn.utils.clip_grad_value_(params(), torch.ones(2)))
+  got = _error(lambda: ctorch.clip_grad_value(g, jnp.ones(2)))
+  assert got[0] is want[0] and got[1].startswith(want[1]), (got, want)
+  # One element, numeric strings and bools are accepted by both.
+  for max_norm, norm_type in [(torch.ones(1), torch.tensor(2.0)), ("1.5", "3"), (True, True)]:
+    ps = params()
+    total = torch.nn.utils.clip_grad_norm_(ps, max_norm, norm_type)
+    ours_max = jnp.ones(1) if isinstance(max_norm, torch.Tensor) else max_norm
+    ours_type = 2.0 if isinstance(norm_type, torch.Tensor) else norm_type
+    clipped, got_total = ctorch.clip_grad_norm(g, ours_max, ours_type)
+    assert_ulp(got_total, _np(total))
+    assert_ulp(clipped[0], _np(ps[0].grad))
+
+
+def test_clip_grad_norm_cases_of_pytorch():
+  # The inputs of PyTorch's test_clip_grad_norm: a Linear(10, 10)'s gradients.
+  big = [np.arange(1.0, 101).reshape(10, 10).astype(np.float32), np.ones(10, np.float32) / 1000]
+  rng = np.random.default_rng(0)
+  small = [(rng.random((10, 10)) / 10000).astype(np.float32), np.ones(10, np.float32) / 500]
+  for grads in (big, small):
+    for norm_type in [0.5, 1.5, 2, 4, "inf"]:
+      want, want_total = _torch_clip(grads, 2, norm_type)
+      got, got_total = ctorch.clip_grad_norm(grads, 2, norm_type)
+      _assert_close(got_total, _np(want_total), grads, norm_type)
+      for g, w in zip(got, want):
+        _assert_close(g, w, grads, norm_type)
+
+
+def test_clip_grad_value_cases_of_pytorch():
+  # The inputs of PyTorch's test_clip_grad_value.
+  grad_w = (np.arange(-50.0, 50).reshape(10, 10) / 5).astype(np.float32)
+  grad_b = np.full(10, 2.0, np.float32)
+  params = [torch.nn.Parameter(torch.zeros(10, 10)), torch.nn.Parameter(torch.zeros(10))]
+  params[0].grad, params[1].grad = torch.from_numpy(grad_w.copy()), torch.from_numpy(grad_b.copy())
+  torch.nn.utils.clip_grad_value_(params, 2.5)
+  got = ctorch.clip_grad_value([grad_w, grad_b], 2.5)
+  for g, p in zip(got, params):
+    assert_ulp(g, _np(p.grad), 0)

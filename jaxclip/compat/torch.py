@@ -20,16 +20,20 @@ jaxclip formulas, and inherit PyTorch's behaviour:
   the sign of every gradient. Pass ``error_if_nonfinite=True`` to get an error
   instead (see `get_total_norm` for how this works under `jax.jit`).
 
+Arguments are converted as PyTorch converts them (``float(norm_type)``,
+``float(max_norm)``, ``float(clip_value)``), and every error message begins
+with PyTorch's own text for the same condition, so that code matching
+PyTorch's messages keeps working; jaxclip's hint follows it.
+
 Gradients are pytrees (a list, a dict, a model's parameter tree); `None`
 entries and integer leaves are skipped, like parameters whose ``.grad`` is
-None. Unlike PyTorch nothing is modified in place: clipped copies are
+None, and a Python-number leaf is a TypeError naming it. Unlike PyTorch nothing is modified in place: clipped copies are
 returned. See ``docs/porting.md`` for a side-by-side comparison.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 import jax
@@ -37,7 +41,8 @@ import jax.numpy as jnp
 import optax
 from jax.experimental import checkify
 
-from jaxclip import _base, _validate
+from jaxclip import _validate
+from jaxclip.compat import _tree
 
 __all__ = [
   "clip_grad_norm",
@@ -50,23 +55,67 @@ __all__ = [
 
 NormType = float | int | str
 
+# PyTorch's message (torch/nn/utils/clip_grad.py), then jaxclip's hint. The
+# order is formatted in Python; `{norm}` is left for `checkify` under jit.
 _NONFINITE_MESSAGE = (
-  "The total norm of order {p} of the gradients is non-finite ({norm}), so"
-  " they cannot be clipped. Check the loss and the inputs for inf or NaN, or"
-  " pass error_if_nonfinite=False to scale by the non-finite norm anyway."
+  "The total norm of order {p} for gradients from `parameters` is non-finite,"
+  " so it cannot be clipped. To disable this error and scale the gradients by"
+  " the non-finite norm anyway, set `error_if_nonfinite=False`. (The norm is"
+  " {norm}: check the loss and the inputs for inf or NaN.)"
 )
 
 
-def _norm_type(norm_type: NormType) -> float:
-  if isinstance(norm_type, bool):
-    raise TypeError(f"`norm_type` must be a number or 'inf', got the bool {norm_type!r}.")
+_ONE_ELEMENT = "only one element tensors can be converted to Python scalars"
+
+
+def _as_float(value: Any, name: str, hint: str) -> float:
+  """``float(value)``, as PyTorch converts `name`; its errors with a hint.
+
+  A jax array plays the part of a tensor: one element converts, more raise
+  PyTorch's ValueError for tensors. Anything else goes to ``float`` as it is
+  (NumPy arrays too, as in PyTorch).
+  """
+  if isinstance(value, jax.Array):
+    if value.size != 1:
+      raise ValueError(f"{_ONE_ELEMENT}. jaxclip: `{name}` has shape {value.shape}; {hint}")
+    value = value.reshape(())
   try:
-    return float(norm_type)  # As in PyTorch: also 'inf', '-inf', '2'.
-  except (TypeError, ValueError):
+    return float(value)
+  except ValueError as e:
+    raise ValueError(f"{e}. jaxclip: `{name}` {hint}") from None
+  except TypeError as e:
+    raise TypeError(f"{e}. jaxclip: `{name}` {hint}") from None
+
+
+def _norm_type(norm_type: NormType) -> float:
+  # As in PyTorch: any number, also 'inf', '-inf', '2' (and a bool, as 1 or 0).
+  if not _validate.is_concrete(norm_type):
+    raise TypeError(
+      "`norm_type` is a traced array; it must be a Python number, known when"
+      " the step is traced. Under `optax.inject_hyperparams`, pass"
+      " static_args=('norm_type',)."
+    )
+  return _as_float(
+    norm_type,
+    "norm_type",
+    "must be a Python number or a numeric string such as 'inf' (a static"
+    " value, not a traced array); use 2.0 for the Euclidean norm.",
+  )
+
+
+def _threshold(value: Any, name: str) -> Any:
+  """`max_norm` or `clip_value`: ``float(value)`` as in PyTorch when concrete.
+
+  A traced value (under `jax.jit` or `optax.inject_hyperparams`) is kept as an
+  array; it must hold one number, as ``float`` requires.
+  """
+  if _validate.is_concrete(value):
+    return _as_float(value, name, "must be a number (or an array holding one number).")
+  if jnp.size(value) != 1:
     raise ValueError(
-      f"`norm_type` must be a number or a string such as 'inf', got"
-      f" {norm_type!r}. Use 2.0 for the Euclidean norm."
-    ) from None
+      f"{_ONE_ELEMENT}. jaxclip: `{name}` has shape {jnp.shape(value)}; pass a scalar."
+    )
+  return jnp.reshape(value, ())
 
 
 def _opmath(dtype: jnp.dtype) -> jnp.dtype:
@@ -145,8 +194,12 @@ def get_total_norm(
 
   Raises:
     RuntimeError: If `error_if_nonfinite` and the (concrete) norm is not
-      finite.
-    ValueError: If `norm_type` is not a number or a numeric string.
+      finite, with PyTorch's message ("The total norm of order 2.0 for
+      gradients from `parameters` is non-finite, ...").
+    ValueError: If `norm_type` is a string that is not a number (``float``'s
+      error, as in PyTorch).
+    TypeError: If `norm_type` is neither a number nor a string, or a
+      gradient leaf is a Python number.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -161,7 +214,7 @@ def get_total_norm(
     PyTorch, [torch.nn.utils.get_total_norm](https://pytorch.org/docs/stable/generated/torch.nn.utils.get_total_norm.html).
   """
   p = _norm_type(norm_type)
-  leaves = _base.inexact_leaves(grads)
+  leaves = _tree.inexact_leaves(grads)
   if not leaves:
     return jnp.zeros((), jnp.float32)
   groups: dict[jnp.dtype, list[jax.Array]] = {}
@@ -176,11 +229,12 @@ def get_total_norm(
 
 
 def _check_finite(total: jax.Array, p: float) -> None:
+  message = _NONFINITE_MESSAGE.format(p=p, norm="{norm}")
   if _validate.is_concrete(total):
     if not bool(jnp.isfinite(total)):
-      raise RuntimeError(_NONFINITE_MESSAGE.format(p=p, norm=float(total)))
+      raise RuntimeError(message.format(norm=float(total)))
     return
-  checkify.check(jnp.isfinite(total), _NONFINITE_MESSAGE, p=jnp.asarray(p), norm=total)
+  checkify.check(jnp.isfinite(total), message, norm=total)
 
 
 def clip_grads_with_norm(
@@ -196,12 +250,18 @@ def clip_grads_with_norm(
 
   Args:
     grads: A pytree of gradients.
-    max_norm: The largest allowed norm. Not validated, as in PyTorch: a
-      negative value flips the sign of the gradients.
+    max_norm: The largest allowed norm, converted with ``float`` as in
+      PyTorch (a traced scalar is kept). Not validated otherwise: a negative
+      value flips the sign of the gradients.
     total_norm: The norm to clip by, e.g. from `get_total_norm`.
 
   Returns:
     The gradients scaled, in the structure of `grads`.
+
+  Raises:
+    ValueError: If `max_norm` is a string that is not a number, or an array
+      of more than one element (PyTorch's errors).
+    TypeError: If ``float(max_norm)`` fails otherwise (PyTorch's error).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -213,6 +273,7 @@ def clip_grads_with_norm(
   References:
     PyTorch, [torch.nn.utils.clip_grads_with_norm_](https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grads_with_norm_.html).
   """
+  max_norm = _threshold(max_norm, "max_norm")
   total = jnp.asarray(total_norm)
   if not jnp.issubdtype(total.dtype, jnp.floating):
     total = total.astype(jnp.float32)
@@ -226,7 +287,7 @@ def clip_grads_with_norm(
     dtype = jnp.promote_types(x.dtype, coef.dtype)
     return (x.astype(dtype) * coef.astype(dtype)).astype(x.dtype)
 
-  return _base.map_inexact(scale, grads)
+  return _tree.map_inexact(scale, grads)
 
 
 def clip_grad_norm(
@@ -253,6 +314,9 @@ def clip_grad_norm(
 
   Raises:
     RuntimeError: If `error_if_nonfinite` and the concrete norm is not finite.
+    ValueError: If `norm_type` or `max_norm` is a string that is not a
+      number, or an array of more than one element.
+    TypeError: If ``float(norm_type)`` or ``float(max_norm)`` fails otherwise.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -277,10 +341,16 @@ def clip_grad_value(grads: Any, clip_value: jax.typing.ArrayLike) -> Any:
 
   Args:
     grads: A pytree of gradients.
-    clip_value: The largest allowed magnitude.
+    clip_value: The largest allowed magnitude, converted with ``float`` as
+      in PyTorch (a traced scalar is kept).
 
   Returns:
     The gradients clamped, in the structure of `grads`.
+
+  Raises:
+    ValueError: If `clip_value` is a string that is not a number, or an
+      array of more than one element (PyTorch's errors).
+    TypeError: If ``float(clip_value)`` fails otherwise (PyTorch's error).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -291,14 +361,13 @@ def clip_grad_value(grads: Any, clip_value: jax.typing.ArrayLike) -> Any:
   References:
     PyTorch, [torch.nn.utils.clip_grad_value_](https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_value_.html).
   """
-  if isinstance(clip_value, numbers.Real) and not isinstance(clip_value, bool):
-    clip_value = float(clip_value)
+  clip_value = _threshold(clip_value, "clip_value")
 
   def clamp(x):
     v = jnp.asarray(clip_value).astype(x.dtype)
     return jnp.minimum(jnp.maximum(x, -v), v)
 
-  return _base.map_inexact(clamp, grads)
+  return _tree.map_inexact(clamp, grads)
 
 
 def clip_grad_norm_transform(
@@ -320,7 +389,8 @@ def clip_grad_norm_transform(
     A stateless `optax.GradientTransformationExtraArgs`.
 
   Raises:
-    ValueError: If `norm_type` is not a number or a numeric string.
+    ValueError: If `norm_type` is a string that is not a number.
+    TypeError: If ``float(norm_type)`` fails otherwise.
 
   Examples:
     >>> import jax.numpy as jnp
