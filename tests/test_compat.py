@@ -509,3 +509,42 @@ def test_torch_error_messages_begin_with_pytorchs():
   assert float(ctorch.get_total_norm(g, True)) == 7.0  # float(True) == 1: the 1-norm
   with pytest.raises(TypeError, match=r"\['w'\]"):
     ctorch.clip_grad_norm({"w": 3.0}, 1.0)
+
+
+# Cases of Keras' own tests (keras/src/optimizers/optimizer_test.py).
+
+
+def _keras_clip(grads, **kwargs):
+  tx = ckeras.with_clipping(optax.identity(), **kwargs)
+  return tx.update(grads, tx.init(grads))[0]
+
+
+def test_keras_optimizer_test_cases():
+  grad = [jnp.array([100.0, 100.0])]
+  np.testing.assert_allclose(_keras_clip(grad, clipnorm=1)[0], [2**0.5 / 2] * 2, rtol=1e-6)
+  np.testing.assert_array_equal(_keras_clip(grad, clipvalue=1)[0], [1.0, 1.0])
+  grad = np.array([50.0, 100.0], np.float32)
+  clipped = _keras_clip([jnp.asarray(grad)], global_clipnorm=1)[0]
+  np.testing.assert_allclose(clipped, grad / np.linalg.norm(grad), rtol=1e-6)
+  for kwargs in ({"clipnorm": 0.1, "clipvalue": 0.1}, {"clipnorm": 0.1, "global_clipnorm": 0.1}):
+    with pytest.raises(
+      ValueError, match="Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can"
+    ):
+      ckeras.with_clipping(optax.sgd(1.0), **kwargs)
+  # The whole of Keras' message comes first; 0 counts as set, as in Keras.
+  with pytest.raises(ValueError) as info:
+    ckeras.with_clipping(optax.sgd(1.0), clipnorm=0, clipvalue=0.5)
+  assert str(info.value).startswith(
+    "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. Received:"
+    " clipnorm=0, clipvalue=0.5, global_clipnorm=None"
+  )
+
+
+def test_keras_global_clipnorm_divides_in_python():
+  # Keras computes 1.0 / global_clipnorm in Python: below the threshold the
+  # scale is float32(c) * float32(1 / c), not float32(c) * (1 / float32(c)).
+  g = jnp.array([0.01, -0.02, 0.03])
+  for c in (1.05, 1.15, 1.85):
+    scale = np.float32(c) * np.float32(1.0 / c)
+    got = _keras_clip([g], global_clipnorm=c)[0]
+    np.testing.assert_array_equal(got, np.asarray(g) * scale)

@@ -71,3 +71,67 @@ def test_clipping_arguments_are_exclusive_like_keras():
     keras.optimizers.SGD(clipnorm=1.0, global_clipnorm=1.0)
   with pytest.raises(ValueError, match="Only one"):
     with_clipping(optax.sgd(0.1), clipnorm=1.0, global_clipnorm=1.0)
+
+
+@pytest.mark.parametrize("clipnorm", [0.55, 1.05, 1.15, 1.85, 3.4])
+def test_global_clipnorm_reciprocal_matches_keras(clipnorm):
+  # For these thresholds float32(1 / c) differs from 1 / float32(c): Keras
+  # divides in Python, and so does with_clipping. Below the threshold, the
+  # scale c * (1 / c) then decides the last bit.
+  params = random_tensors(1, SHAPES, np.float32)
+  grads = [random_tensors(2, SHAPES, np.float32, scale=0.01)]
+  kwargs = {"global_clipnorm": clipnorm}
+  for g, w in zip(_optax_run(kwargs, params, grads), _keras_run(kwargs, params, grads)):
+    assert_ulp(g, w, 0)
+
+
+def test_optimizer_test_cases_match_keras():
+  # The inputs of Keras' optimizer_test (test_clip_norm, test_clip_value,
+  # test_global_clip_norm), through the optimizer's own clipping.
+  cases = [
+    ({"clipnorm": 1}, [100.0, 100.0]),
+    ({"clipvalue": 1}, [100.0, 100.0]),
+    ({"global_clipnorm": 1}, [50.0, 100.0]),
+  ]
+  for kwargs, grad in cases:
+    grad = np.array(grad, np.float32)
+    want = keras.optimizers.SGD(**kwargs)._clip_gradients([keras.ops.convert_to_tensor(grad)])
+    tx = with_clipping(optax.identity(), **kwargs)
+    got = tx.update([jnp.asarray(grad)], tx.init(None))[0]
+    assert_ulp(got[0], np.asarray(want[0]), 1)
+
+
+def test_error_message_begins_with_keras():
+  for kwargs in (
+    {"clipnorm": 0.1, "clipvalue": 0.1},
+    {"clipnorm": 0.1, "global_clipnorm": 0.1},
+    {"clipnorm": 0, "clipvalue": 1.0, "global_clipnorm": 2},
+  ):
+    with pytest.raises(ValueError) as want:
+      keras.optimizers.SGD(learning_rate=1.0, **kwargs)
+    with pytest.raises(ValueError) as got:
+      with_clipping(optax.sgd(1.0), **kwargs)
+    assert str(got.value).startswith(str(want.value)), (str(got.value), str(want.value))
+
+
+@pytest.mark.parametrize(
+  "kwargs", [{"clipnorm": 0.5}, {"global_clipnorm": 0.5}, {"clipvalue": 0.2}]
+)
+def test_gradient_accumulation_matches_keras(kwargs):
+  # Keras clips the averaged gradients; so does with_clipping inside
+  # optax.MultiSteps.
+  steps = 2
+  params = random_tensors(3, SHAPES, np.float32)
+  grads_per_step = [random_tensors(20 + k, SHAPES, np.float32, scale=2.0) for k in range(4)]
+  variables = [keras.Variable(p) for p in params]
+  opt = keras.optimizers.SGD(learning_rate=0.1, gradient_accumulation_steps=steps, **kwargs)
+  for grads in grads_per_step:
+    opt.apply_gradients(zip([keras.ops.convert_to_tensor(g) for g in grads], variables))
+  tx = optax.MultiSteps(with_clipping(optax.sgd(0.1), **kwargs), steps)
+  ours = [jnp.asarray(p) for p in params]
+  state = tx.init(ours)
+  for grads in grads_per_step:
+    updates, state = tx.update([jnp.asarray(g) for g in grads], state, ours)
+    ours = optax.apply_updates(ours, updates)
+  for g, v in zip(ours, variables):
+    assert_ulp(g, np.asarray(keras.ops.convert_to_numpy(v)), 2)

@@ -10,12 +10,20 @@ as a Keras 3 optimizer constructed with the same argument does (see
 * ``global_clipnorm``: all gradients scaled by ``clipnorm * min(1 / norm, 1 /
   clipnorm)``, NaN for a non-finite norm (the formula of
   `tf.clip_by_global_norm`, with Keras' global norm
-  ``sqrt(sum(sum(g**2)))``).
+  ``sqrt(sum(sum(g**2)))``). As in Keras, ``1 / clipnorm`` is computed in
+  Python (float64) and then rounded to the gradients' dtype, where
+  TensorFlow's function divides in that dtype: for some thresholds (1.05,
+  1.15, ...) the two differ by one unit in the last place.
 
 Norms are computed in the gradients' dtype, as Keras does. Keras allows one of
 the three only, and so does `with_clipping`. Keras silently ignores a
 negative value; `with_clipping` rejects it. A value of 0 disables clipping in
-both. See ``docs/porting.md`` for a side-by-side comparison.
+both. Error messages begin with Keras' own text.
+
+Keras clips after averaging when ``gradient_accumulation_steps`` is set; the
+same order in optax is ``optax.MultiSteps(with_clipping(tx, ...), k)``, which
+hands `with_clipping` the averaged gradients. See ``docs/porting.md`` for a
+side-by-side comparison.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxclip import _base
+from jaxclip.compat import _tree
 from jaxclip.compat.tf import _divide
 
 __all__ = ["with_clipping"]
@@ -58,15 +66,17 @@ def _clip_by_norm(g: jax.Array, clipnorm: float) -> jax.Array:
 
 
 def _clip_by_global_norm(grads: Any, clipnorm: float) -> Any:
-  leaves = _base.inexact_leaves(grads)
+  leaves = _tree.inexact_leaves(grads)
   if not leaves:
     return grads
   squared = jnp.stack([jnp.sum(jnp.square(g)) for g in leaves])
   norm = jnp.sqrt(jnp.sum(squared))
   c = jnp.asarray(clipnorm, norm.dtype)
-  scale_for_finite = c * jnp.minimum(1.0 / norm, 1.0 / c)
+  # Keras divides 1.0 / clipnorm in Python, then rounds to the norm's dtype.
+  inverse_c = jnp.asarray(1.0 / clipnorm, norm.dtype)
+  scale_for_finite = c * jnp.minimum(1.0 / norm, inverse_c)
   scale = scale_for_finite + (norm - norm)  # NaN when the norm is not finite.
-  return _base.map_inexact(lambda g: g * scale.astype(g.dtype), grads)
+  return _tree.map_inexact(lambda g: g * scale.astype(g.dtype), grads)
 
 
 def _clip_by_value(g: jax.Array, clipvalue: float) -> jax.Array:
@@ -130,10 +140,12 @@ def with_clipping(
     if value is not None
   }
   if len(set_args) > 1:
-    given = ", ".join(f"{k}={v!r}" for k, v in set_args.items())
+    # Keras' message (keras/src/optimizers/base_optimizer.py), then the hint.
     raise ValueError(
-      f"Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set,"
-      f" got {given}. Keep one, or chain jaxclip transforms explicitly."
+      "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set."
+      f" Received: clipnorm={clipnorm}, clipvalue={clipvalue},"
+      f" global_clipnorm={global_clipnorm}. Keep one, or chain jaxclip"
+      " transforms explicitly."
     )
   clipnorm = _check(clipnorm, "clipnorm")
   clipvalue = _check(clipvalue, "clipvalue")
@@ -143,11 +155,11 @@ def with_clipping(
   def clip(grads):
     # Keras clips only with a value > 0 (`if self.clipnorm and ...`).
     if clipnorm:
-      return _base.map_inexact(lambda g: _clip_by_norm(g, clipnorm), grads)
+      return _tree.map_inexact(lambda g: _clip_by_norm(g, clipnorm), grads)
     if global_clipnorm:
       return _clip_by_global_norm(grads, global_clipnorm)
     if clipvalue:
-      return _base.map_inexact(lambda g: _clip_by_value(g, clipvalue), grads)
+      return _tree.map_inexact(lambda g: _clip_by_value(g, clipvalue), grads)
     return grads
 
   def init_fn(params):
