@@ -26,10 +26,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-from jaxclip import clip_by_global_norm
-from jaxclip._plot import plot_norms
-from jaxclip._recorder import record_norms, suggest_max_norm
-from jaxclip._stats import stats
+from jaxclip import clip_by_global_norm, plot_norms, record_norms, stats, suggest_max_norm
 
 BATCH, LEARNING_RATE = 32, 3e-3
 
@@ -67,13 +64,18 @@ def train(model, params, tx, data, steps, desc):
   opt_state = tx.init(params)
   step = make_step(model, tx)
   rng = np.random.default_rng(0)
-  losses, clipped = [], 0
+  losses, clipped, norms = [], 0, []
   for _ in tqdm(range(steps), desc=desc, leave=False):
     idx = rng.integers(0, len(x_train), BATCH)
     params, opt_state, loss = step(params, opt_state, x_train[idx], y_train[idx])
     losses.append(float(loss))
-    clipped += bool(stats(opt_state).get("clip/clipped", False))
-  return params, opt_state, np.asarray(losses), clipped
+    record = stats(opt_state)  # empty for the recording run, which does not clip
+    if "clip/global_norm" in record:
+      clipped += bool(record["clip/clipped"])
+      # the norm clip_by_global_norm measured, and the norm of what it passed on
+      norm = float(record["clip/global_norm"])
+      norms.append((norm, norm * float(record["clip/scale"])))
+  return params, opt_state, np.asarray(losses), clipped, np.asarray(norms)
 
 
 def accuracy(model, params, data):
@@ -97,24 +99,29 @@ def main():
   params = model.init(jax.random.key(0), jnp.zeros((1, 64)))["params"]
 
   recorder = optax.chain(record_norms(num_steps=steps), optax.adam(LEARNING_RATE))
-  p1, state, loss1, _ = train(model, params, recorder, data, steps, "recording")
+  p1, state, loss1, _, _ = train(model, params, recorder, data, steps, "recording")
   suggestion = suggest_max_norm(state, percentile=args.percentile, params=params)
   print(suggestion)
   png = plot_norms(state, suggestion, out / "choose_threshold.png", params=params)
   print(f"\nplot saved to {png}")
 
   clipped_tx = optax.chain(clip_by_global_norm(suggestion.max_norm), optax.adam(LEARNING_RATE))
-  p2, _, loss2, n_clipped = train(model, params, clipped_tx, data, steps, "clipped")
+  p2, _, loss2, n_clipped, norms = train(model, params, clipped_tx, data, steps, "clipped")
 
   tail = max(steps // 10, 1)
   print("\nSummary")
   print(
-    f"  recorded run : final loss {loss1[-tail:].mean():.4f}, test accuracy {accuracy(model, p1, data):.3f}"
+    f"  recorded run : final loss {loss1[-tail:].mean():.4f}, test accuracy"
+    f" {accuracy(model, p1, data):.3f}; not clipped: the norms above are as computed"
   )
   print(
     f"  clipped run  : final loss {loss2[-tail:].mean():.4f}, test accuracy"
     f" {accuracy(model, p2, data):.3f}, max_norm {suggestion.max_norm:.3g} clipped"
     f" {n_clipped}/{steps} steps ({100 * n_clipped / steps:.0f}%)"
+  )
+  print(
+    f"                 largest gradient norm {norms[:, 0].max():.3g} before clipping,"
+    f" {norms[:, 1].max():.3g} after"
   )
 
 

@@ -81,7 +81,7 @@ def main() -> None:
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   rng = np.random.default_rng(1)
-  norms, clipped, skipped_steps = [], [], []
+  norms, norms_after, clipped, skipped_steps = [], [], [], []
   for _ in tqdm(range(epochs), desc="epochs", leave=False):
     order = rng.permutation(len(x_train))
     for i in range(steps_per_epoch):
@@ -91,18 +91,21 @@ def main() -> None:
       train_step(model, optimizer, x, y_train[idx])
       guard = optimizer.opt_state  # SkipOnSpikeState, its leaves nnx variables
       clip_state = guard.inner_state[0]  # ClipByGlobalNormState
-      norms.append(float(guard.norm[...]))
+      norms.append(float(guard.norm[...]))  # measured by skip_on_spike, before clipping
       clipped.append(bool(clip_state.clipped[...]) and not bool(guard.skipped[...]))
       if guard.skipped[...]:
         skipped_steps.append(step)
+      else:  # the norm of the gradient that clip_by_global_norm passed on to adamw
+        norms_after.append(float(clip_state.norm[...] * clip_state.scale[...]))
 
   guard = optimizer.opt_state
   norms = np.array(norms)
   print(f"digits: {len(x_train)} train / {len(x_test)} test images, {epochs} epochs")
   print(f"test accuracy: {float(accuracy(model, x_test, y_test)):.2%}")
   print(
-    f"steps: {int(optimizer.step[...])}; gradient norm median {np.median(norms):.3f},"
-    f" max {norms.max():.3g} (step {int(norms.argmax())})"
+    f"steps: {int(optimizer.step[...])}; gradient norm before clipping: median {np.median(norms):.3f},"
+    f" max {norms.max():.3g} (step {int(norms.argmax())});"
+    f" after clipping (steps taken): max {max(norms_after):.3g}"
   )
   print(f"clipped by clip_by_global_norm(1.0): {sum(clipped)} steps ({np.mean(clipped):.1%})")
   print(

@@ -14,7 +14,9 @@ same batches, with a stock `flax.training.train_state.TrainState`:
   gradient norm in its state;
 * ``tx = chain(clip_by_global_norm(1.0), sgd)``.
 
-The gradient norms printed are the ones the clipping state recorded.
+The gradient norms printed are the ones the clipping state recorded: the
+norm of the gradient before clipping, and for the clipped run also the norm
+after clipping (the norm times the scale the clipper applied, at most 1.0).
 
   python examples/lstm_exploding.py          # 800 steps, ~30 s on 2 CPU cores
   python examples/lstm_exploding.py --fast   # 100 steps, for CI
@@ -62,7 +64,7 @@ def train_step(state, key):
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   state = state.apply_gradients(grads=grads)
   clip_state = state.opt_state[0]  # what clip_by_global_norm recorded at this step
-  return state, loss, clip_state.norm, clip_state.clipped
+  return state, loss, clip_state.norm, clip_state.scale * clip_state.norm, clip_state.clipped
 
 
 def train(max_norm: float, lr: float, steps: int, desc: str):
@@ -70,13 +72,17 @@ def train(max_norm: float, lr: float, steps: int, desc: str):
   params = model.init(jax.random.key(0), jnp.zeros((1, LENGTH, 2)))["params"]
   tx = optax.chain(jaxclip.clip_by_global_norm(max_norm), optax.sgd(lr, momentum=0.9))
   state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-  losses, norms, clipped = [], [], []
+  losses, norms, after, clipped = [], [], [], []
   for step in tqdm(range(steps), desc=desc, leave=False):
-    state, loss, norm, was_clipped = train_step(state, jax.random.fold_in(jax.random.key(1), step))
+    state, loss, norm, norm_after, was_clipped = train_step(
+      state, jax.random.fold_in(jax.random.key(1), step)
+    )
     losses.append(float(loss))
     norms.append(float(norm))
+    after.append(float(norm_after))
     clipped.append(bool(was_clipped))
-  return np.array(losses), np.array(norms), np.array(clipped)
+  # loss, grad norm before clipping, grad norm after clipping, clipped or not
+  return np.array(losses), np.array(norms), np.array(after), np.array(clipped)
 
 
 def main() -> None:
@@ -92,13 +98,18 @@ def main() -> None:
 
   print(f"adding problem, length {LENGTH}, LSTM({HIDDEN}), SGD lr {args.lr} momentum 0.9")
   print("loss of predicting the mean: 0.167\n")
-  print(f"{'step':>5} | {'no clipping':^24} | {f'clip_by_global_norm({args.max_norm})':^32}")
-  print(f"{'':>5} | {'loss':>10} {'grad norm':>13} | {'loss':>10} {'grad norm':>13} clipped")
+  print(f"{'':>5} | {'no clipping':^24} | {f'clip_by_global_norm({args.max_norm})':^52}")
+  print(f"{'':>5} | {'':>24} | {'':>10} {'grad norm':>17} {'grad norm':>15}")
+  print(
+    f"{'step':>5} | {'loss':>10} {'grad norm':>13} |"
+    f" {'loss':>10} {'before clipping':>17} {'after clipping':>15} clipped"
+  )
   shown = sorted({*range(0, 30, 3), *range(0, steps, steps // 10), steps - 1})
   for t in shown:
     print(
       f"{t:>5} | {plain[0][t]:>10.4g} {plain[1][t]:>13.4g} |"
-      f" {clip[0][t]:>10.4g} {clip[1][t]:>13.4g} {'yes' if clip[2][t] else 'no'}"
+      f" {clip[0][t]:>10.4g} {clip[1][t]:>17.4g} {clip[2][t]:>15.4g}"
+      f" {'yes' if clip[3][t] else 'no':>7}"
     )
 
   bad = np.flatnonzero(~np.isfinite(plain[0]) | (plain[1] > 1e3))
@@ -115,7 +126,8 @@ def main() -> None:
   print(
     f"clip_by_global_norm({args.max_norm}): final loss {np.mean(clip[0][tail]):.4f}"
     f" (mean of the last {steps // 5} steps), largest gradient norm"
-    f" {np.max(clip[1]):.3g}, {np.mean(clip[2]):.0%} of steps clipped"
+    f" {np.max(clip[1]):.3g} before clipping and {np.max(clip[2]):.3g} after,"
+    f" {np.mean(clip[3]):.0%} of steps clipped"
   )
   print(f"({time.perf_counter() - start:.0f} s)")
 

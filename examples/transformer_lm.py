@@ -4,7 +4,9 @@ The model learns to continue the source code of Python's `textwrap` module
 (it ships with Python, so nothing is downloaded). The optimizer is
 ``optax.chain(jaxclip.clip_by_global_norm(1.0), optax.adamw(...))`` and every
 few steps the clipping measurements, read from the optimizer state by
-`jaxclip.stats` inside the jitted step, are printed.
+`jaxclip.stats` inside the jitted step, are printed: the gradient norm before
+clipping (``clip/global_norm``), the scale applied and whether it clipped, and
+the norm after clipping that follows from them.
 
 Run: python examples/transformer_lm.py [--steps 300] [--fast]
 """
@@ -22,8 +24,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from jaxclip import clip_by_global_norm
-from jaxclip._stats import stats
+from jaxclip import clip_by_global_norm, stats
 
 SEQ, BATCH, WIDTH, HEADS, LAYERS = 64, 32, 64, 4, 2
 
@@ -92,8 +93,13 @@ def main():
     clipped += bool(logs["clip/clipped"])
     first_loss = float(loss) if first_loss is None else first_loss
     if i % log_every == 0 or i == steps:
+      before = float(logs["clip/global_norm"])
+      after = before * float(logs["clip/scale"])
       shown = ", ".join(f"{k}={float(v):.3g}" for k, v in logs.items())
-      tqdm.write(f"step {i:4d}  loss {float(loss):.3f}  {shown}")
+      tqdm.write(
+        f"step {i:4d}  loss {float(loss):.3f}  grad norm {before:.3g} before clipping,"
+        f" {after:.3g} after  ({shown})"
+      )
 
   print(
     f"\n{steps} steps: loss {first_loss:.3f} -> {float(loss):.3f} (uniform guess"
