@@ -230,3 +230,47 @@ def test_clip_by_value_counts_in_the_leaf_dtype():
   out, state = tx.update(x, tx.init(x))
   np.testing.assert_array_equal(out, x)
   assert not bool(state.clipped) and float(state.clipped_fraction) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float8_e4m3fn, np.float32])
+def test_thresholds_of_any_floating_dtype_are_accepted(dtype):
+  g = {"w": jnp.array([3.0, 4.0])}
+  for tx in (
+    jaxclip.clip_by_global_norm(jnp.asarray(1.0, dtype)),
+    jaxclip.clip_by_norm(np.asarray(1.0, dtype)),
+    jaxclip.clip(jnp.asarray(1.0, dtype)),
+  ):
+    out, _ = tx.update(g, tx.init(g))
+    assert float(jnp.max(jnp.abs(out["w"]))) <= 1.0 + 1e-6
+
+
+def test_non_numeric_threshold_is_a_type_error():
+  with pytest.raises(TypeError, match="max_norm"):
+    jaxclip.clip_by_global_norm(np.asarray("1.0"))
+
+
+@pytest.mark.parametrize("bound_shape", [(3, 2), (3,), (2, 1, 1)])
+def test_clip_by_value_bounds_must_not_change_the_shape(bound_shape):
+  g = {"w": jnp.ones((2,))} if bound_shape != (2, 1, 1) else {"w": jnp.ones((1, 2))}
+  tx = jaxclip.clip_by_value(-jnp.ones(bound_shape), jnp.ones(bound_shape))
+  with pytest.raises(ValueError, match="min_value"):
+    tx.update(g, tx.init(g))
+
+
+def test_clip_by_value_bounds_that_broadcast_are_fine():
+  g = {"w": jnp.array([[-3.0, 3.0], [0.5, -0.5]])}
+  tx = jaxclip.clip_by_value(jnp.array([-1.0, -2.0]), jnp.array([1.0, 2.0]))
+  out, _ = tx.update(g, tx.init(g))
+  np.testing.assert_array_equal(out["w"], [[-1.0, 2.0], [0.5, -0.5]])
+
+
+def test_global_norm_rejects_python_number_leaves():
+  with pytest.raises(TypeError, match=r"\['w'\]\[1\]"):
+    jaxclip.global_norm({"w": [jnp.ones(2), 4.0]})
+
+
+def test_zclip_modes_and_flags_are_keyword_only():
+  with pytest.raises(TypeError):
+    jaxclip.zclip(0.97, 2.5, 25, 1.0, "percentile")
+  tx = jaxclip.zclip(0.97, 2.5, 25, 1.0, mode="percentile", skip_update_on_spike=True)
+  assert isinstance(tx, optax.GradientTransformationExtraArgs)

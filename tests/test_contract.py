@@ -214,3 +214,73 @@ def test_state_can_be_donated(name):
   for _ in range(3):
     params, state = step(params, state)
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
+
+
+def _stateful_guard(name):
+  """The guards around a stateful inner optimizer (adam), not only identity."""
+  if name == "skip_on_spike":
+    return jaxclip.skip_on_spike(optax.adam(0.1), window=8, min_history=4)
+  return jaxclip.skip_nonfinite(optax.adam(0.1), max_consecutive=3)
+
+
+def _make(name):
+  return _stateful_guard(name) if name.startswith("skip_") else TRANSFORMS[name][0]()
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_state_dtypes_are_fixed_at_init_under_x64(name):
+  # f64 params, f32 gradients: every state leaf keeps the dtype `init` gave
+  # it, so the state is a valid `lax.scan` carry and nothing retraces.
+  needs_params = TRANSFORMS[name][2]
+  with jax.enable_x64(True):
+    params = {"w": jnp.ones((4, 3), jnp.float64), "b": jnp.ones((3,), jnp.float64)}
+    grads = jax.tree.map(lambda p: (2.0 * p).astype(jnp.float32), params)
+    tx = _make(name)
+    state = tx.init(params)
+    _, new_state = jax.jit(tx.update)(grads, state, params if needs_params else params)
+    _check_state(state, new_state)
+
+    def body(s, _):
+      return tx.update(grads, s, params)[1], None
+
+    jax.lax.scan(body, state, length=2)  # the state is a valid carry
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+@pytest.mark.parametrize("bad", [jnp.inf, -jnp.inf, jnp.nan])
+def test_nonfinite_inputs_have_defined_behaviour(name, bad):
+  # One non-finite entry: no exception, a well-formed state, and the finite
+  # entries are never silently rescaled by a non-finite norm. Guards skip.
+  needs_params = TRANSFORMS[name][2]
+  tx = _make(name)
+  g = {"a": jnp.array([1.0, bad, 2.0]), "b": jnp.array([3.0, 4.0])}
+  params = _params_for(g)
+  state = tx.init(params)
+  out, new_state = jax.jit(tx.update)(g, state, params if needs_params else None)
+  _check_state(state, new_state)
+  if name.startswith("skip_"):
+    assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(out))
+    inner = new_state.inner_state
+    assert all(
+      bool(jnp.all(a == b))
+      for a, b in zip(jax.tree.leaves(inner), jax.tree.leaves(state.inner_state))
+    )
+  elif name not in ("clip", "clip_by_value"):
+    # Norm-based: the finite entries of the tensor holding the inf/NaN pass
+    # through unscaled (so a guard sees the problem); others are clipped as usual.
+    np.testing.assert_array_equal(np.asarray(out["a"])[[0, 2]], [1.0, 2.0])
+  else:
+    lo, hi = (-0.5, 0.5) if name == "clip" else (-0.5, 0.3)
+    a = np.asarray(out["a"])
+    assert a[0] == hi and a[2] == hi
+    assert np.isnan(a[1]) if bad != bad else a[1] == (hi if bad > 0 else lo)
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_python_number_leaves_are_a_type_error_naming_the_leaf(name):
+  # A Python number is not an array: never a norm of 0 and a silent pass-through.
+  needs_params = TRANSFORMS[name][2]
+  tx = _make(name)
+  g = {"w": [3.0, 4.0]}
+  with pytest.raises(TypeError, match=r"\['w'\]\[0\]"):
+    tx.update(g, tx.init({"w": [jnp.ones(()), jnp.ones(())]}), g if needs_params else None)

@@ -71,3 +71,23 @@ def test_quantile_clip_per_example_uses_the_same_norms():
   tx = jaxclip.quantile_clip(initial_max_norm=1.0, per_example=True)
   theirs, _ = tx.update(g, tx.init(g))
   jax.tree.map(np.testing.assert_allclose, ours, theirs)
+
+
+@pytest.mark.parametrize("bad", [jnp.inf, jnp.nan])
+def test_a_nonfinite_example_contributes_zero_and_is_counted(bad):
+  # DP-SGD's bound: no example contributes more than the clip norm, also
+  # when its gradient holds an inf or NaN next to finite entries.
+  grads = {"w": jnp.array([[3.0, 4.0], [bad, 100.0], [0.3, 0.4]])}
+  total, num_clipped = jaxclip.per_example_global_norm_clip(grads, 1.0)
+  np.testing.assert_allclose(total["w"], [0.6 + 0.3, 0.8 + 0.4], rtol=1e-6)
+  assert int(num_clipped) == 2  # the first scaled down, the second left out
+  sums, counts = jaxclip.per_example_layer_norm_clip(grads, 1.0)
+  assert bool(jnp.all(jnp.isfinite(sums["w"]))) and int(counts["w"]) == 2
+
+
+def test_quantile_clip_per_example_leaves_out_nonfinite_examples():
+  tx = jaxclip.quantile_clip(0.5, 0.2, 1.0, per_example=True)
+  grads = {"w": jnp.array([[3.0, 4.0], [jnp.nan, 1.0]])}
+  out, state = tx.update(grads, tx.init({"w": jnp.zeros(2)}))
+  np.testing.assert_allclose(out["w"], [0.6, 0.8], rtol=1e-6)
+  assert float(state.fraction_below) == 0.0
