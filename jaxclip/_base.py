@@ -25,13 +25,10 @@ def resolve(value: Threshold, count: jax.Array, dtype: jnp.dtype) -> jax.Array:
 
 def record_dtype(tree: Any) -> jnp.dtype:
   """The dtype norms of `tree` are accumulated and recorded in."""
-  leaves = inexact_leaves(tree)
+  leaves = _norms.inexact_leaves(tree)
   if not leaves:
     return jnp.dtype(jnp.float32)
   return jnp.result_type(*(_norms.accumulation_dtype(x.dtype) for x in leaves))
-
-
-inexact_leaves = _norms.inexact_leaves
 
 
 def map_inexact(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
@@ -111,7 +108,7 @@ def keep_dtypes(state: Any, state_type: type, new: Any) -> Any:
 
 def matching_params(layout: _norms.Layout, params: Any, name: str) -> list[jax.Array]:
   """The floating leaves of `params`, checked to match the updates'."""
-  leaves = inexact_leaves(params)
+  leaves = _norms.inexact_leaves(params)
   shapes = [x.shape for x in layout.leaves], [w.shape for w in leaves]
   if shapes[0] != shapes[1]:
     raise ValueError(
@@ -134,7 +131,7 @@ def batched_leaves(grads: Any, fn: str) -> list[jax.Array]:
       " with the batch on axis 0."
     )
   if any(isinstance(x, numbers.Number) for x in leaves):
-    inexact_leaves(grads)  # raises, naming the leaf
+    _norms.inexact_leaves(grads)  # raises, naming the leaf
   shapes = [jnp.shape(x) for x in leaves]
   if any(len(s) == 0 or s[0] != shapes[0][0] for s in shapes):
     raise ValueError(

@@ -160,7 +160,7 @@ def clip_by_value(
     dtype = _base.record_dtype(updates)
     lo = _base.resolve(min_value, count, dtype)
     hi = _base.resolve(max_value, count, dtype)
-    leaves = _base.inexact_leaves(updates)
+    leaves = _norms.inexact_leaves(updates)
     for x in leaves:
       _check_bounds_fit(x, lo, hi)
     outside = [

@@ -84,7 +84,7 @@ def global_clipper(
       leaves = _base.batched_leaves(updates, name)
       norm = _norms.tree_norm(_base.as_floating(leaves), p, batch_ndim=1)
     else:
-      leaves = _base.inexact_leaves(updates)
+      leaves = _norms.inexact_leaves(updates)
       norm = _norms.tree_norm(leaves, p, axis_name=axis_name)
     own = isinstance(state, state_type)
     norm = norm.astype(state.norm.dtype if own else _base.record_dtype(updates))
@@ -138,7 +138,7 @@ def per_tensor_clipper(
   """
 
   def init_fn(params):
-    return init_state(_base.record_dtype(params), len(_base.inexact_leaves(params)))
+    return init_state(_base.record_dtype(params), len(_norms.inexact_leaves(params)))
 
   def update_fn(updates, state, params=None, **extra_args):
     if needs_params and params is None:
@@ -148,7 +148,7 @@ def per_tensor_clipper(
     count = _count_of(state, state_type, name, schedules)
     own = isinstance(state, state_type)
     dtype = state.norm.dtype if own else _base.record_dtype(updates)
-    layout = _norms.Layout(_base.inexact_leaves(updates), flatten=not unitwise)
+    layout = _norms.Layout(_norms.inexact_leaves(updates), flatten=not unitwise)
     param_layout = None
     if needs_params:
       param_layout = _norms.Layout(_base.matching_params(layout, params, name), like=layout)

@@ -94,7 +94,7 @@ def record_norms(
 
   def init_fn(params):
     dtype = _base.record_dtype(params)
-    k = len(_base.inexact_leaves(params)) if per_tensor else 0
+    k = len(_norms.inexact_leaves(params)) if per_tensor else 0
     return RecordNormsState(
       _base.zero_count(), jnp.zeros((num_steps,), dtype), jnp.zeros((num_steps, k), dtype)
     )
@@ -103,7 +103,7 @@ def record_norms(
     del params, extra_args
     if not isinstance(state, RecordNormsState):
       return updates, state
-    leaves = _base.inexact_leaves(updates)
+    leaves = _norms.inexact_leaves(updates)
     k = state.norms.shape[1]
     if per_tensor and len(leaves) != k:
       raise ValueError(

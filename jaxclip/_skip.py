@@ -15,20 +15,41 @@ computed*, so every later use (the updates included) reads the selected
 value. On a step that is not skipped the selected value is the new one, so
 the result is unchanged; on a skipped step the updates are zero whatever they
 were computed from. The old state is then read once, before its buffer is
-written, and the update runs in place. Two consequences of a skipped step
-computing the rest of the inner step from the old state: callbacks inside
-the inner step (``jax.debug.print``) see those values, and a gradient taken
-*through* a skipped step can be NaN where an intermediate is (Adam's bias
-correction divides by zero when its own count is still 0). Values computed
-inside a `lax.cond` or a non-inlined `jax.jit` of the inner step are selected
-at their output instead: still correct, but XLA may then copy them.
+written, and the update runs in place. Each operation keeps the source
+information it was traced with (traceback and name stack), so the lowered
+program, profiles and `jax_debug_nans` errors name the inner optimizer's
+code. Two consequences of a skipped step computing the rest of the inner step
+from the old state: callbacks inside the inner step (``jax.debug.print``) see
+those values, and a gradient taken *through* a skipped step can be NaN where
+an intermediate is (Adam's bias correction divides by zero when its own count
+is still 0).
+
+A state value computed inside a sub-computation that has other outputs too
+(a `lax.cond`, as in `optax.MultiSteps`, a `jax.jit` of the inner update, a
+loop) can only be selected at that output, and what else the sub-computation
+computes from it reads the old state: still correct, but XLA may then copy a
+donated state. A `StateCopyWarning` says so, once per process for each kind
+of sub-computation.
 
 Without a trace (eager calls) nothing is fused or donated, and the plain
 formulation is used.
+
+JAX has no public API for this. Tracing (`jax.make_jaxpr`) and reading the
+jaxpr (equations, their primitives, parameters and variables,
+`jax.extend.core.Literal`) use its documented structure. Evaluating an
+equation as `jax.core.eval_jaxpr` does needs APIs that `jax.extend` exposes
+without stability guarantees, all in `_bind` and `_location`: the
+primitive's `get_bind_params`, the equation's context manager, and
+`jax.extend.source_info_util` for its source information. The public
+alternatives considered keep a copy somewhere: selecting after the step
+copies a donated state, and an `optimization_barrier` between the inner step
+and the selection keeps the new state in buffers of its own (as much extra
+memory as the state).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -36,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.extend import core as jex_core
+from jax.extend import source_info_util
 
 
 def skippable_update(
@@ -84,9 +106,10 @@ def skippable_update(
   n_updates = len(jax.tree.leaves(updates_shape))
   update_vars, state_vars = jaxpr.outvars[:n_updates], jaxpr.outvars[n_updates:]
   old_value_of = _selections(jaxpr, state_vars, old_leaves)
+  _warn_if_selected_after(jaxpr, state_vars)
 
   # The loop of `jax.core.eval_jaxpr`, with each selected value replaced as
-  # soon as it is computed (source locations are not carried over).
+  # soon as it is computed.
   env: dict[Any, Any] = dict(zip(jaxpr.constvars, closed.consts, strict=True))
   env.update(zip(jaxpr.invars, dynamic, strict=True))
 
@@ -94,10 +117,7 @@ def skippable_update(
     return env[atom] if _is_var(atom) else atom.val
 
   for eqn in jaxpr.eqns:
-    with eqn.ctx.manager:
-      outs = eqn.primitive.bind(*map(read, eqn.invars), **eqn.primitive.get_bind_params(eqn.params))
-    if not eqn.primitive.multiple_results:
-      outs = [outs]
+    outs = _bind(eqn, map(read, eqn.invars))
     for var, value in zip(eqn.outvars, outs, strict=True):
       env[var] = jnp.where(skip, old_value_of[var], value) if var in old_value_of else value
 
@@ -111,6 +131,88 @@ def skippable_update(
     ),
     jax.tree.unflatten(jax.tree.structure(state_shape), new_state),
   )
+
+
+class StateCopyWarning(UserWarning):
+  """Part of a guarded optimizer's state is selected after the operation computing it.
+
+  A donated optimizer state may then be copied on every step; the results
+  are unchanged.
+  """
+
+
+# What a `cond` or `jit` that computes state values usually stands for.
+_CAUSES = {
+  "cond": "a `lax.cond` (optax.MultiSteps computes its state in one)",
+  "jit": "a `jax.jit` of the inner update",
+  "pjit": "a `jax.jit` of the inner update",
+  "closed_call": "a `jax.jit` of the inner update",
+  "while": "a `lax.while_loop` or `lax.fori_loop`",
+  "scan": "a `lax.scan`",
+}
+_warned: set[str] = set()
+
+
+def _warn_if_selected_after(jaxpr, state_vars) -> None:
+  """Warns, once per process for each primitive, of state computed in a sub-computation.
+
+  A state value that is one of several outputs of a `cond`, `jit`, loop, ...
+  can only be selected at that output: whatever else the sub-computation
+  computes from it (the updates, say) reads the unselected value, and so the
+  old state, as the plain formulation does; XLA may then copy a donated state.
+  """
+  computed = {var for var in state_vars if _is_var(var)}
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if (
+      name in _warned
+      or len(eqn.outvars) < 2
+      or computed.isdisjoint(eqn.outvars)
+      or not any(_is_jaxpr(p) for p in eqn.params.values())
+    ):
+      continue
+    _warned.add(name)
+    warnings.warn(
+      f"The optimizer wrapped by a jaxclip guard computes part of its state inside"
+      f" {_CAUSES.get(name, f'a `{name}`')}, at {_location(eqn)}."
+      f" A skipped step selects that state after the `{name}`, not where it is computed, so"
+      " XLA may copy a donated optimizer state on every step (the results are unchanged)."
+      " Reported once per process.",
+      StateCopyWarning,
+      stacklevel=4,
+    )
+
+
+def _is_jaxpr(param: Any) -> bool:
+  params = param if isinstance(param, tuple | list) else (param,)
+  return any(isinstance(p, jex_core.Jaxpr | jex_core.ClosedJaxpr) for p in params)
+
+
+# JAX's unstable APIs (the module docstring says why) are used here only.
+
+
+def _bind(eqn, args) -> list[Any]:
+  """Binds one jaxpr equation to `args`, as `jax.core.eval_jaxpr` does.
+
+  `get_bind_params` turns the equation's parameters back into the ones its
+  primitive is bound with (a `custom_jvp_call`'s jaxprs into functions), the
+  equation context restores the settings it was traced under (compute type,
+  mesh, ...), and `user_context` restores its source information (traceback
+  and name stack), so that profiles, the lowered program's locations and
+  `jax_debug_nans` errors name the inner optimizer's code, not this module.
+  """
+  name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
+  with (
+    source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack),
+    eqn.ctx.manager,
+  ):
+    outs = eqn.primitive.bind(*args, **eqn.primitive.get_bind_params(eqn.params))
+  return outs if eqn.primitive.multiple_results else [outs]
+
+
+def _location(eqn) -> str:
+  """The innermost user frame that traced `eqn`, as ``file:line (function)``."""
+  return source_info_util.summarize(eqn.source_info)
 
 
 def _zero_where(skip: jax.Array, tree: Any) -> Any:
