@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import traceback
+import warnings
 from typing import NamedTuple
 
 import chex
@@ -80,6 +83,7 @@ def _steps(fn, inner, skips, jit):
   return out
 
 
+@pytest.mark.filterwarnings("ignore::jaxclip._skip.StateCopyWarning")  # multi_steps
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
 @pytest.mark.parametrize("name", sorted(INNER))
 def test_matches_the_plain_formulation(name, jit):
@@ -169,3 +173,113 @@ def test_a_state_of_another_structure_is_a_type_error():
     step(GRADS[0])
   with pytest.raises(TypeError, match="structure"):  # eager too
     _skip.skippable_update(inner, jnp.asarray(False), GRADS[0], inner.init(GRADS[0]), None, {})
+
+
+def _guarded_step(inner):
+  opt = skip_nonfinite(inner)
+
+  def step(params, state, grads):
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return jax.jit(step, donate_argnums=(0, 1)).lower(PARAMS, opt.init(PARAMS), GRADS[0])
+
+
+def test_lowered_program_names_the_inner_optimizers_source():
+  """Each re-bound operation keeps its traceback: the moment updates of Adam
+  are located in optax's code, not in jaxclip's `_skip.py`."""
+  text = _guarded_step(optax.adam(1e-2)).as_text(debug_info=True)
+  files = {os.path.normpath(f) for f in re.findall(r'loc\("([^"]+\.py)"', text)}
+  assert any(f.endswith(os.path.join("optax", "_src", "transform.py")) for f in files), files
+  assert "scale_by_adam" in text
+
+
+def _scoped_update(updates, state, params=None):
+  del params
+  with jax.named_scope("inner_scope"):
+    state = state + 1.0
+    return jax.tree.map(lambda u: u * state, updates), state
+
+
+SCOPED = optax.GradientTransformation(lambda params: jnp.zeros([]), _scoped_update)
+
+
+def test_name_stacks_are_kept():
+  lowered = _guarded_step(SCOPED)
+  assert re.search(r"inner_scope/(add|mul)", lowered.as_text(debug_info=True))
+  op_names = re.findall(r'op_name="([^"]*)"', lowered.compile().as_text())
+  assert any("inner_scope/" in name for name in op_names), op_names
+
+
+def _nan_update(updates, state, params=None):
+  del params
+  zero = state - state
+  return jax.tree.map(lambda u: u * (zero / zero), updates), state + 1.0
+
+
+@pytest.mark.parametrize("transform", ["jit", "vmap"])
+def test_debug_nans_points_at_the_inner_update(transform):
+  """With `jax_debug_nans`, a NaN made by the inner update is reported with
+  a traceback through the inner update's code.
+
+  Both version ends behave alike. Under `jax.jit`, JAX reruns the step
+  de-optimized (eagerly, where `skippable_update` calls `inner.update`
+  directly), so the inner update is on the error's own traceback. Under an
+  eager `jax.vmap` the re-bound division raises, and only the restored source
+  information puts the inner update's frames on the traceback of the error's
+  cause (`JaxStackTraceBeforeTransformation`).
+  """
+  inner = optax.with_extra_args_support(
+    optax.GradientTransformation(lambda params: jnp.zeros([]), _nan_update)
+  )
+  step = lambda g, s, skip: _skip.skippable_update(inner, skip, g, s, PARAMS, {})  # noqa: E731
+  if transform == "jit":
+    step, args = jax.jit(step), (GRADS[0], jnp.zeros([]), jnp.asarray(False))
+  else:
+    batch = jax.tree.map(lambda x: x[None], GRADS[0])
+    step, args = jax.vmap(step), (batch, jnp.zeros([1]), jnp.asarray([False]))
+  previous = jax.config.jax_debug_nans
+  # Operations that JAX already dispatches through its C++ fast path skip the
+  # NaN checks (both version ends), so whether an eager division is checked
+  # would depend on the tests run before this one.
+  jax.clear_caches()
+  jax.config.update("jax_debug_nans", True)
+  try:
+    with pytest.raises(FloatingPointError) as info:
+      jax.block_until_ready(step(*args))
+  finally:
+    jax.config.update("jax_debug_nans", previous)
+  frames, error = [], info.value
+  while error is not None:
+    frames += traceback.extract_tb(error.__traceback__)
+    error = error.__cause__ or error.__context__
+  assert any(f.name == "_nan_update" and f.filename == __file__ for f in frames), frames
+
+
+def _jitted(transform):
+  return optax.GradientTransformation(transform.init, jax.jit(transform.update))
+
+
+@pytest.mark.parametrize(
+  "inner, cause",
+  [
+    (optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2), "cond"),
+    (_jitted(optax.adam(1e-2)), "jit"),
+  ],
+  ids=["multi_steps", "jit"],
+)
+def test_state_selected_after_a_sub_computation_warns_once(inner, cause, monkeypatch):
+  monkeypatch.setattr(_skip, "_warned", set())
+  with pytest.warns(_skip.StateCopyWarning, match=rf"`{cause}`.*copy a donated"):
+    _guarded_step(inner)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", _skip.StateCopyWarning)
+    _guarded_step(inner)  # once per process
+
+
+def test_a_state_updated_in_place_does_not_warn(monkeypatch):
+  monkeypatch.setattr(_skip, "_warned", set())
+  inner = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2), optax.scale(0.5))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", _skip.StateCopyWarning)
+    _guarded_step(inner)
