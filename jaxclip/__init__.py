@@ -25,6 +25,7 @@ from jaxclip._clipping import clip_by_norm as clip_by_norm
 from jaxclip._clipping import clip_by_value as clip_by_value
 from jaxclip._guards import SkipNonFiniteState as SkipNonFiniteState
 from jaxclip._guards import SkipOnSpikeState as SkipOnSpikeState
+from jaxclip._skip import StateCopyWarning as StateCopyWarning
 from jaxclip._guards import skip_nonfinite as skip_nonfinite
 from jaxclip._guards import skip_on_spike as skip_on_spike
 from jaxclip._norms import global_norm as global_norm
@@ -55,6 +56,7 @@ __all__ = [
   "RecordNormsState",
   "SkipNonFiniteState",
   "SkipOnSpikeState",
+  "StateCopyWarning",
   "ThresholdSuggestion",
   "TrainState",
   "ZClipState",

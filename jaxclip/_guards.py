@@ -96,7 +96,8 @@ def skip_on_spike(
   `jax.jit` each new state value is selected where it is computed, so with
   donated buffers the inner state is still updated in place
   (`benchmarks/bench_guards.py`; state computed inside a `lax.cond`, as in
-  `optax.MultiSteps`, is selected after it and may be copied). On a skipped
+  `optax.MultiSteps`, is selected after it and may be copied: a
+  `jaxclip.StateCopyWarning` says so once). On a skipped
   step the rest of the inner step then runs on the old state: callbacks in it
   see those values, and a gradient taken through a skipped step can be NaN.
 
