@@ -25,7 +25,6 @@ from jaxclip._clipping import clip_by_norm as clip_by_norm
 from jaxclip._clipping import clip_by_value as clip_by_value
 from jaxclip._guards import SkipNonFiniteState as SkipNonFiniteState
 from jaxclip._guards import SkipOnSpikeState as SkipOnSpikeState
-from jaxclip._skip import StateCopyWarning as StateCopyWarning
 from jaxclip._guards import skip_nonfinite as skip_nonfinite
 from jaxclip._guards import skip_on_spike as skip_on_spike
 from jaxclip._norms import global_norm as global_norm
@@ -37,6 +36,7 @@ from jaxclip._recorder import RecordNormsState as RecordNormsState
 from jaxclip._recorder import ThresholdSuggestion as ThresholdSuggestion
 from jaxclip._recorder import record_norms as record_norms
 from jaxclip._recorder import suggest_max_norm as suggest_max_norm
+from jaxclip._skip import StateCopyWarning as StateCopyWarning
 from jaxclip._stats import stats as stats
 from jaxclip._zclip import ZClipState as ZClipState
 from jaxclip._zclip import zclip as zclip
