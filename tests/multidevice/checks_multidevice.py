@@ -368,6 +368,10 @@ def _sweep_params():
         marks.append(pytest.mark.xfail(strict=True, reason=UNIQUE_SHARDED_UNDER_AUTO))
       if layout == "axis2" and transform in ("clip_by_norm_axis0", "adaptive_grad_clip"):
         marks.append(pytest.mark.xfail(strict=True, reason=UNITS_RESHAPED))
+      if layout == "mesh2d" and transform in ("clip_by_norm_axis0", "adaptive_grad_clip"):
+        # jax 0.9 cannot merge (16@(a,b), 32) into 512 either (0.12 can).
+        old_jax = jax.__version_info__ < (0, 10)
+        marks.append(pytest.mark.xfail(old_jax, strict=False, reason=UNITS_RESHAPED))
       params.append(
         pytest.param(
           axis_type, transform, layout, marks=marks, id=f"{axis_type.name}-{transform}-{layout}"
