@@ -1,14 +1,17 @@
-"""Step time of global-norm clipping chained with AdamW, against optax.
+"""Step time of each clipping transform chained with AdamW, against optax.
 
 Runs one jitted optimizer step (update + apply_updates, buffers donated) on
 gradients shaped like a 40M-parameter transformer, for:
 
 * bare `optax.adamw`,
-* `optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(...))`,
-* `optax.chain(jaxclip.clip_by_global_norm(1.0), optax.adamw(...))`,
+* for each of `clip` (by value), `clip_by_global_norm`, `clip_by_block_rms`
+  and `adaptive_grad_clip`: ``optax.chain(optax.<t>(...), optax.adamw(...))``
+  and ``optax.chain(jaxclip.<t>(...), optax.adamw(...))``,
+* `jaxclip.clip_by_norm` + adamw (optax has no per-tensor norm clipper),
 
 interleaving the variants round by round so that machine noise hits them
-alike, and prints the median step time of each and the ratios. It also times
+alike, and prints the median step time of each, the ratio to bare adamw and,
+for jaxclip's chains, the ratio to optax's chain of the same transform. It also times
 one read of the gradients (a jitted sum of squares, with nothing written):
 any clipper must read the gradients once before the optimizer may use them,
 so ``1 + read / adamw`` is the floor for a clipping chain.
@@ -32,6 +35,15 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import _common  # noqa: E402
 
 import jaxclip  # noqa: E402
+
+# transform name -> arguments, the same for jaxclip and optax
+TRANSFORMS = {
+  "clip": (1.0,),
+  "clip_by_global_norm": (1.0,),
+  "clip_by_block_rms": (1.0,),
+  "adaptive_grad_clip": (0.01,),
+  "clip_by_norm": (1.0,),
+}
 
 
 def make_step(tx):
@@ -60,11 +72,12 @@ def main() -> None:
     f"tree: {_common.count_params(grads) / 1e6:.1f}M parameters, {len(jax.tree.leaves(grads))} leaves, {args.dtype}"
   )
 
-  variants = {
-    "adamw": optax.adamw(1e-3),
-    "optax clip + adamw": optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)),
-    "jaxclip clip + adamw": optax.chain(jaxclip.clip_by_global_norm(1.0), optax.adamw(1e-3)),
-  }
+  adamw = lambda: optax.adamw(1e-3)  # noqa: E731
+  variants = {"adamw": adamw()}
+  for name, targs in TRANSFORMS.items():
+    if hasattr(optax, name):
+      variants[f"optax.{name}"] = optax.chain(getattr(optax, name)(*targs), adamw())
+    variants[f"jaxclip.{name}"] = optax.chain(getattr(jaxclip, name)(*targs), adamw())
   runners = {}
   for name, tx in variants.items():
     params = jax.tree.map(jnp.copy, grads)
@@ -97,11 +110,14 @@ def main() -> None:
       times[name] += [t / args.steps_per_round for t in _common.time_steps(run, 1)]
 
   base = _common.median(times["adamw"])
-  optax_clip = _common.median(times["optax clip + adamw"])
-  print(f"{'variant':<24}{'median step':>14}{'vs adamw':>10}{'vs optax clip':>15}")
+  print(f"{'variant (+ adamw)':<32}{'median step':>14}{'vs adamw':>10}{'jaxclip/optax':>15}")
   for name, ts in times.items():
     m = _common.median(ts)
-    print(f"{name:<24}{m * 1e3:>11.3f} ms{m / base:>9.3f}x{m / optax_clip:>14.3f}x")
+    optax_name = name.replace("jaxclip.", "optax.")
+    vs_optax = ""
+    if name.startswith("jaxclip.") and optax_name in times:
+      vs_optax = f"{m / _common.median(times[optax_name]):>14.3f}x"
+    print(f"{name:<32}{m * 1e3:>11.3f} ms{m / base:>9.3f}x{vs_optax}")
   floor = 1 + _common.median(times["one read of the grads"]) / base
   print(f"floor for any clipping chain (adamw + one read): {floor:.3f}x adamw")
 
