@@ -106,8 +106,7 @@ def adaptive_grad_clip(
 
   def measure(layout, param_layout):
     axes_of = lambda shape: _norms.unitwise_axes(shape, axis)  # noqa: E731
-    g_norms = _norms.group_norms(layout, 2.0, axes_of)
-    w_norms = _norms.group_norms(param_layout, 2.0, axes_of)
+    g_norms, w_norms = _norms.paired_group_norms([layout, param_layout], 2.0, axes_of)
     return [g / jnp.maximum(w, jnp.asarray(eps, w.dtype)) for g, w in zip(g_norms, w_norms)]
 
   return _clipping.per_tensor(

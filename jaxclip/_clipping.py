@@ -163,10 +163,9 @@ def clip_by_value(
     leaves = _norms.inexact_leaves(updates)
     for x in leaves:
       _check_bounds_fit(x, lo, hi)
-    outside = [
-      ((x < lo.astype(x.dtype)) | (x > hi.astype(x.dtype))).astype(jnp.float32) for x in leaves
-    ]
-    n_out = _norms.tree_norm(outside, 1.0)
+    n_out = _norms.count_nonzero(
+      [(x < lo.astype(x.dtype)) | (x > hi.astype(x.dtype)) for x in leaves]
+    )
     new_state = ClipByValueState(
       count=count + 1,
       max_abs=_norms.tree_norm(leaves, math.inf),

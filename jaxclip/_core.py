@@ -177,8 +177,9 @@ def per_tensor_clipper(
 
 
 def _over_units(reduce: Callable[..., jax.Array], values: jax.Array) -> jax.Array:
-  """Per group member, `reduce` over its units (every axis but the first)."""
-  return reduce(values.reshape(values.shape[0], -1), axis=1)
+  """Per group member, `reduce` over its units (every axis but the first;
+  never a reshape, which would need a sharded leaf's sharding resolved)."""
+  return reduce(values, axis=tuple(range(1, values.ndim)))
 
 
 def global_summary(state: Any) -> dict[str, jax.Array]:

@@ -291,12 +291,13 @@ def _needs_rescaling(sums: list[jax.Array]) -> jax.Array:
 
   An entry that is subnormal counts, and so does an all-zero set; an entry
   that underflowed to exactly 0 next to normal ones does not (telling it from
-  a zero leaf would need a second pass at every step).
+  a zero leaf would need a second pass at every step). One reduction per
+  array: a subnormal entry is counted as inf, so that a single sum tells.
   """
   tiny = jnp.finfo(sums[0].dtype).tiny
-  bad = [jnp.any(~jnp.isfinite(s) | ((s > 0) & (s < tiny))) for s in sums]
-  total = sum(jnp.sum(s) for s in sums)
-  return jnp.any(jnp.stack(bad)) | (total < tiny)
+  flagged = [jnp.sum(jnp.where((s > 0) & (s < tiny), jnp.inf, s)) for s in sums]
+  total = flagged[0] if len(flagged) == 1 else jnp.sum(jnp.stack(flagged))
+  return ~jnp.isfinite(total) | (total < tiny)
 
 
 def _factors(m: jax.Array) -> tuple[jax.Array, Down, Down]:
@@ -360,6 +361,15 @@ def tree_norm(
   return _norm(power_sums, p)[0]
 
 
+def count_nonzero(leaves: Sequence[jax.Array]) -> jax.Array:
+  """The number of non-zero entries of `leaves` (as float32), in one grouped
+  pass and with no rescaling: a count cannot overflow."""
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  layout = Layout([(x != 0).astype(jnp.float32) for x in leaves])
+  return sum(jnp.sum(s) for s in layout.sums(1.0))
+
+
 def _broadcast_batch(d: jax.Array, g: _Group, batch_ndim: int) -> jax.Array:
   """A per-batch factor shaped to multiply a group's power sums' shape."""
   rank = g.data.ndim + (0 if g.stacked else 1)
@@ -371,11 +381,31 @@ def group_norms(
 ) -> list[jax.Array]:
   """Per group of `layout`, the p-norm of each member (dims kept as 1), or
   with `axes_of`, of each unit of each member."""
+  return paired_group_norms([layout], p, axes_of, axis_name=axis_name)[0]
+
+
+def paired_group_norms(
+  layouts: Sequence[Layout],
+  p: float,
+  axes_of: AxesOf | None = None,
+  *,
+  axis_name: str | None = None,
+) -> list[list[jax.Array]]:
+  """`group_norms` of several layouts with one rescaling decision for all
+  (e.g. gradients and parameters: one `lax.cond` rather than two)."""
+  sizes = [len(layout.groups) for layout in layouts]
 
   def power_sums(q, down):
-    return [_all_reduce(s, q, axis_name) for s in layout.sums(q, down, axes_of)]
+    out, start = [], 0
+    for layout, n in zip(layouts, sizes):
+      part = None if down is None else down[start : start + n]
+      out += [_all_reduce(s, q, axis_name) for s in layout.sums(q, part, axes_of)]
+      start += n
+    return out
 
-  return _norm(power_sums, p)
+  flat = _norm(power_sums, p)
+  starts = np.cumsum([0, *sizes])
+  return [flat[a:b] for a, b in zip(starts[:-1], starts[1:])]
 
 
 def leaf_norms(layout: Layout, p: float, *, axis_name: str | None = None) -> jax.Array:

@@ -353,10 +353,6 @@ def _sweep_cases():
 # (collective-permute). Every transform measures a norm (clip_by_value its
 # max |x| and clipped fraction), so every one does it.
 UNIQUE_SHARDED_UNDER_AUTO = "Auto axes: a small sharded leaf of a unique shape is padded and moved"
-# Library bug: `_core._over_units` reshapes the per-unit values (1, 1, 16, 32)
-# of a leaf sharded on its last axis to (1, 512): a ShardingTypeError under
-# Explicit axes, an all-gather under Auto.
-UNITS_RESHAPED = "bug: per-unit clip values of a leaf sharded on its last axis are reshaped"
 
 
 def _sweep_params():
@@ -364,14 +360,9 @@ def _sweep_params():
   for axis_type in (AxisType.Explicit, AxisType.Auto):
     for transform, layout in _sweep_cases():
       marks = []
-      if axis_type == AxisType.Auto and layout == "many_unique_sharded":
+      unitwise = transform in ("clip_by_norm_axis0", "adaptive_grad_clip")  # never flattened
+      if axis_type == AxisType.Auto and layout == "many_unique_sharded" and not unitwise:
         marks.append(pytest.mark.xfail(strict=True, reason=UNIQUE_SHARDED_UNDER_AUTO))
-      if layout == "axis2" and transform in ("clip_by_norm_axis0", "adaptive_grad_clip"):
-        marks.append(pytest.mark.xfail(strict=True, reason=UNITS_RESHAPED))
-      if layout == "mesh2d" and transform in ("clip_by_norm_axis0", "adaptive_grad_clip"):
-        # jax 0.9 cannot merge (16@(a,b), 32) into 512 either (0.12 can).
-        old_jax = jax.__version_info__ < (0, 10)
-        marks.append(pytest.mark.xfail(old_jax, strict=False, reason=UNITS_RESHAPED))
       params.append(
         pytest.param(
           axis_type, transform, layout, marks=marks, id=f"{axis_type.name}-{transform}-{layout}"
