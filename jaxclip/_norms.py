@@ -361,13 +361,12 @@ def tree_norm(
   return _norm(power_sums, p)[0]
 
 
-def count_nonzero(leaves: Sequence[jax.Array]) -> jax.Array:
-  """The number of non-zero entries of `leaves` (as float32), in one grouped
-  pass and with no rescaling: a count cannot overflow."""
+def tree_sum(leaves: Sequence[jax.Array]) -> jax.Array:
+  """The sum of all entries of non-negative `leaves`, in one grouped pass and
+  with no rescaling: for values that cannot overflow, such as 0/1 flags."""
   if not leaves:
     return jnp.zeros((), jnp.float32)
-  layout = Layout([(x != 0).astype(jnp.float32) for x in leaves])
-  return sum(jnp.sum(s) for s in layout.sums(1.0))
+  return sum(jnp.sum(s) for s in Layout(leaves).sums(1.0))
 
 
 def _broadcast_batch(d: jax.Array, g: _Group, batch_ndim: int) -> jax.Array:
