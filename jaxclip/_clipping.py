@@ -187,8 +187,9 @@ def _outside(x: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
   distance, even the smallest subnormal (2**-149), times 2**149 is at least
   1 (applied in two clamped steps, as 2**149 is not a float32).
   """
+  # The bounds in the leaf's dtype, as `jnp.clip` applies them.
+  lo, hi = (b.astype(x.dtype).astype(jnp.float32) for b in (lo, hi))
   x = x.astype(jnp.float32)
-  lo, hi = lo.astype(jnp.float32), hi.astype(jnp.float32)
   d = jnp.maximum(x - hi, 0) + jnp.maximum(lo - x, 0)
   return jnp.minimum(jnp.minimum(d * 2.0**100, 1.0) * 2.0**49, 1.0)
 
