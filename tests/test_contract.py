@@ -231,13 +231,12 @@ def _make(name):
 def test_state_dtypes_are_fixed_at_init_under_x64(name):
   # f64 params, f32 gradients: every state leaf keeps the dtype `init` gave
   # it, so the state is a valid `lax.scan` carry and nothing retraces.
-  needs_params = TRANSFORMS[name][2]
   with jax.enable_x64(True):
     params = {"w": jnp.ones((4, 3), jnp.float64), "b": jnp.ones((3,), jnp.float64)}
     grads = jax.tree.map(lambda p: (2.0 * p).astype(jnp.float32), params)
     tx = _make(name)
     state = tx.init(params)
-    _, new_state = jax.jit(tx.update)(grads, state, params if needs_params else params)
+    _, new_state = jax.jit(tx.update)(grads, state, params)
     _check_state(state, new_state)
 
     def body(s, _):
