@@ -48,3 +48,14 @@ def time_steps(fn: Callable[[], object], repeats: int) -> list[float]:
 
 def median(xs: list[float]) -> float:
   return statistics.median(xs)
+
+
+def interleaved(runners: dict[str, Callable[[], object]], rounds: int, per_call: int) -> dict:
+  """Seconds per step of each runner, one call of each per round in turn (so
+  that drift in the machine's speed hits every variant alike); each call runs
+  `per_call` steps."""
+  times: dict[str, list[float]] = {name: [] for name in runners}
+  for _ in range(rounds):
+    for name, run in runners.items():
+      times[name] += [t / per_call for t in time_steps(run, 1)]
+  return times

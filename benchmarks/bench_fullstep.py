@@ -139,10 +139,7 @@ def main() -> None:
     runners[name] = run
     counterpart[name] = theirs
 
-  times = {name: [] for name in runners}
-  for _ in range(args.rounds):
-    for name, run in runners.items():
-      times[name] += [t / args.steps_per_round for t in _common.time_steps(run, 1)]
+  times = _common.interleaved(runners, args.rounds, args.steps_per_round)
 
   base = _common.median(times["none (adamw)"])
   print(f"{'clipper (+ adamw)':<30}{'ms/step':>10}{'vs none':>10}{'jaxclip/optax':>15}")

@@ -70,10 +70,7 @@ def main() -> None:
     run()
     runners[name] = run
 
-  times = {name: [] for name in runners}
-  for _ in range(args.rounds):
-    for name, run in runners.items():
-      times[name] += [t / args.calls_per_round for t in _common.time_steps(run, 1)]
+  times = _common.interleaved(runners, args.rounds, args.calls_per_round)
 
   theirs = _common.median(times["optax.per_example_global_norm_clip"])
   print(f"{'variant':<40}{'median call':>14}{'vs optax':>10}")

@@ -104,10 +104,7 @@ def main() -> None:
   run_read()
   runners["one read of the grads"] = run_read
 
-  times = {name: [] for name in runners}
-  for _ in range(args.rounds):
-    for name, run in runners.items():
-      times[name] += [t / args.steps_per_round for t in _common.time_steps(run, 1)]
+  times = _common.interleaved(runners, args.rounds, args.steps_per_round)
 
   base = _common.median(times["adamw"])
   print(f"{'variant (+ adamw)':<32}{'median step':>14}{'vs adamw':>10}{'jaxclip/optax':>15}")
