@@ -290,15 +290,11 @@ def clip_by_global_norm(
   """
   _validate.check_threshold(max_norm, "max_norm")
   p = _validate.check_ord(ord)
-
-  def decide(norm, state, count, extra_args):
-    return _base.resolve(max_norm, count, norm.dtype), {}
-
   return _core.global_clipper(
     "clip_by_global_norm",
     ClipByGlobalNormState,
     _fixed_init(ClipByGlobalNormState),
-    decide,
+    _fixed(max_norm),
     p=p,
     axis_name=axis_name,
     schedules={"max_norm": max_norm},
@@ -321,7 +317,7 @@ def _fixed_init(state_type: type):
   return init_state
 
 
-def _fixed(threshold: Threshold):
+def _fixed(threshold: Threshold) -> _core.Decide:
   """The policy of a fixed (or scheduled) threshold."""
 
   def decide(measured, state, count, extra_args):
