@@ -272,11 +272,19 @@ class Layout:
     return out
 
   def per_leaf(self, values: list[jax.Array]) -> list[jax.Array]:
-    """Per-group values as one array per leaf, broadcastable to the leaf."""
+    """Per-group values as one array per leaf, broadcastable to the leaf.
+
+    A member's entry is read at an index the compiler cannot see (it passes
+    through an optimization barrier): the code that scales each leaf is then
+    the same for every leaf of a shape and is compiled once, where a constant
+    offset would make one distinct kernel per leaf.
+    """
     out: list[Any] = [None] * len(self.leaves)
+    width = max((len(g.members) for g in self.groups if g.stacked), default=0)
+    values, index = lax.optimization_barrier((values, [np.int32(j) for j in range(width)]))
     for g, v in zip(self.groups, values):
       for j, i in enumerate(g.members):
-        out[i] = v[j]
+        out[i] = lax.dynamic_index_in_dim(v, index[j], keepdims=False) if g.stacked else v[0]
     return out
 
 
