@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from jaxclip import _base, _core, _norms, _validate
+from jaxclip._layers import LayerAxes
 
 __all__ = [
   "AdaGCState",
@@ -203,6 +204,7 @@ def adagc(
   warmup_max_norm: jax.typing.ArrayLike = 1.0,
   *,
   axis_name: str | None = None,
+  layer_axes: LayerAxes = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Clips each tensor relative to an EMA of its own clipped norms (AdaGC).
 
@@ -230,6 +232,9 @@ def adagc(
       devices, the mapped axis to sum each tensor's partial norms over, so that
       every device sees the same norms and keeps the same thresholds. Not needed
       under plain `jax.jit` with sharded arrays.
+    layer_axes: Which leaves stack several layers on leading axes (an int
+      for every leaf, or a dict such as ``{"blocks": 1}`` from a path
+      fragment to a count): each layer then has its own EMA and threshold.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is an `AdaGCState`.
@@ -286,7 +291,9 @@ def adagc(
     ema = jnp.where(jnp.isfinite(norms), ema, state.ema)
     return threshold, dict(global_norm=total, ema=ema)
 
-  return _core.per_tensor_clipper("adagc", AdaGCState, init_state, measure, decide)
+  return _core.per_tensor_clipper(
+    "adagc", AdaGCState, init_state, measure, decide, layer_axes=layer_axes
+  )
 
 
 class QuantileClipState(NamedTuple):

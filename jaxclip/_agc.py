@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxclip import _clipping, _norms, _validate
+from jaxclip._layers import LayerAxes
 from jaxclip._validate import Threshold
 
 
@@ -60,6 +61,8 @@ def adaptive_grad_clip(
   clipping: Threshold,
   eps: jax.typing.ArrayLike = 1e-3,
   axis: int | tuple[int, ...] | None = None,
+  *,
+  layer_axes: LayerAxes = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Clips each unit's gradient to at most `clipping` times its parameter norm.
 
@@ -74,7 +77,12 @@ def adaptive_grad_clip(
       norm (>= 0): a number, an array or a schedule ``step -> value``.
     eps: Smallest parameter norm used, so zero-initialised parameters still
       get updates.
-    axis: Axis or axes each unit spans; None infers them from the rank.
+    axis: Axis or axes each unit spans; None infers them from the rank (with
+      `layer_axes`, of one layer).
+    layer_axes: Which leaves stack several layers on leading axes (an int
+      for every leaf, or a dict such as ``{"blocks": 1}`` from a path
+      fragment to a count): units are then taken within each layer, never
+      across layers, and each layer has its own entry in the state.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
@@ -110,5 +118,11 @@ def adaptive_grad_clip(
     return [g / jnp.maximum(w, jnp.asarray(eps, w.dtype)) for g, w in zip(g_norms, w_norms)]
 
   return _clipping.per_tensor(
-    "adaptive_grad_clip", measure, clipping, "clipping", needs_params=True, unitwise=True
+    "adaptive_grad_clip",
+    measure,
+    clipping,
+    "clipping",
+    needs_params=True,
+    unitwise=True,
+    layer_axes=layer_axes,
   )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from jaxclip import _base, _core, _norms, _validate
+from jaxclip._layers import LayerAxes
 from jaxclip._validate import Ord, Threshold
 
 
@@ -327,7 +328,7 @@ def _fixed(threshold: Threshold) -> _core.Decide:
 
 
 def per_tensor(
-  name: str, measure: _core.Measure, threshold: Threshold, arg: str, **kwargs: bool
+  name: str, measure: _core.Measure, threshold: Threshold, arg: str, **kwargs: Any
 ) -> optax.GradientTransformationExtraArgs:
   """A per-tensor clipper with a fixed (or scheduled) threshold named `arg`."""
   return _core.per_tensor_clipper(
@@ -342,7 +343,11 @@ def per_tensor(
 
 
 def clip_by_norm(
-  max_norm: Threshold, ord: Ord | None = None, axis: int | tuple[int, ...] | None = None
+  max_norm: Threshold,
+  ord: Ord | None = None,
+  axis: int | tuple[int, ...] | None = None,
+  *,
+  layer_axes: LayerAxes = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Scales each tensor separately so that its norm is at most `max_norm`.
 
@@ -359,7 +364,12 @@ def clip_by_norm(
       or any p > 0. Under `optax.inject_hyperparams`, list it in
       ``static_args``.
     axis: Axis or axes of each leaf to take the norm over (every leaf must
-      have them); None takes the whole leaf.
+      have them; with `layer_axes`, counted within one layer); None takes
+      the whole leaf.
+    layer_axes: Which leaves stack several layers on leading axes (an int
+      for every leaf, or a dict such as ``{"blocks": 1}`` from a path
+      fragment to a count): each layer is then clipped as a tensor of its
+      own and has its own entry in the state.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
@@ -385,15 +395,19 @@ def clip_by_norm(
   axis = _validate.check_axis(axis)
   if axis is None:
     measure = lambda layout, _: _norms.group_norms(layout, p)  # noqa: E731
-    return per_tensor("clip_by_norm", measure, max_norm, "max_norm")
+    return per_tensor("clip_by_norm", measure, max_norm, "max_norm", layer_axes=layer_axes)
 
   def measure_units(layout, _):
     return _norms.group_norms(layout, p, lambda shape: _norms.unitwise_axes(shape, axis))
 
-  return per_tensor("clip_by_norm", measure_units, max_norm, "max_norm", unitwise=True)
+  return per_tensor(
+    "clip_by_norm", measure_units, max_norm, "max_norm", unitwise=True, layer_axes=layer_axes
+  )
 
 
-def clip_by_block_rms(threshold: Threshold) -> optax.GradientTransformationExtraArgs:
+def clip_by_block_rms(
+  threshold: Threshold, *, layer_axes: LayerAxes = None
+) -> optax.GradientTransformationExtraArgs:
   """Scales each tensor so that its root mean square is at most `threshold`.
 
   ``rms(g) = norm(g) / sqrt(g.size)``; a tensor whose RMS exceeds the
@@ -404,6 +418,8 @@ def clip_by_block_rms(threshold: Threshold) -> optax.GradientTransformationExtra
   Args:
     threshold: The largest allowed RMS of each tensor (>= 0): a number, an
       array or a schedule ``step -> value``.
+    layer_axes: Which leaves stack several layers on leading axes (as in
+      `clip_by_norm`): each layer is then a block of its own.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
@@ -423,7 +439,12 @@ def clip_by_block_rms(threshold: Threshold) -> optax.GradientTransformationExtra
 
   def measure(layout, _):
     norms = _norms.group_norms(layout, 2.0)
-    sizes = layout.groupwise(jnp.asarray([max(x.size, 1) for x in layout.leaves], layout.acc))
+    sizes = [
+      max(math.prod(x.shape[k:]), 1)
+      for x, k in zip(layout.leaves, layout.lead)
+      for _ in range(math.prod(x.shape[:k]))
+    ]
+    sizes = layout.groupwise(jnp.asarray(sizes, layout.acc))
     return [n / jnp.sqrt(size) for n, size in zip(norms, sizes)]
 
-  return per_tensor("clip_by_block_rms", measure, threshold, "threshold")
+  return per_tensor("clip_by_block_rms", measure, threshold, "threshold", layer_axes=layer_axes)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxclip import _base, _norms
+from jaxclip import _base, _layers, _norms
 
 # decide(measured, state, count, extra_args) -> (threshold, policy fields).
 Decide = Callable[[jax.Array, Any, jax.Array, dict[str, Any]], tuple[jax.Array, dict[str, Any]]]
@@ -116,6 +116,7 @@ def per_tensor_clipper(
   needs_params: bool = False,
   unitwise: bool = False,
   schedules: Mapping[str, Any] | None = None,
+  layer_axes: _layers.LayerAxes = None,
 ) -> optax.GradientTransformationExtraArgs:
   """A clipper scaling each tensor (or each unit of it) on its own.
 
@@ -135,10 +136,15 @@ def per_tensor_clipper(
       tensor (then no leaf is flattened, and the record per tensor is the
       largest measurement, the smallest scale and whether any unit clipped).
     schedules: As in `global_clipper`.
+    layer_axes: Which leaves hold stacked layers on leading axes (see
+      `jaxclip._layers`): each layer slice is then a tensor of its own, with
+      its own entry in the state.
   """
+  rules = _layers.check_layer_axes(layer_axes)
 
   def init_fn(params):
-    return init_state(_base.record_dtype(params), len(_norms.inexact_leaves(params)))
+    _norms.inexact_leaves(params)  # a Python-number leaf is an error
+    return init_state(_base.record_dtype(params), _layers.num_entries(params, rules))
 
   def update_fn(updates, state, params=None, **extra_args):
     if needs_params and params is None:
@@ -148,12 +154,14 @@ def per_tensor_clipper(
     count = _count_of(state, state_type, name, schedules)
     own = isinstance(state, state_type)
     dtype = state.norm.dtype if own else _base.record_dtype(updates)
-    layout = _norms.Layout(_norms.inexact_leaves(updates), flatten=not unitwise)
+    leaves = _norms.inexact_leaves(updates)
+    lead = _layers.layer_counts(updates, rules)
+    layout = _norms.Layout(leaves, lead, flatten=not unitwise)
     param_layout = None
     if needs_params:
-      param_layout = _norms.Layout(_base.matching_params(layout, params, name), like=layout)
+      param_layout = _norms.Layout(_base.matching_params(layout, params, name), lead, like=layout)
     measured = [m.astype(dtype) for m in measure(layout, param_layout)]
-    per_tensor = layout.vector([_over_units(jnp.max, m) for m in measured])
+    per_tensor = layout.vector(layout.reduce_entries(jnp.max, measured))
     threshold, fields = decide(per_tensor, state, count, extra_args)
     threshold = jnp.asarray(threshold).astype(dtype)
     group_threshold = layout.groupwise(threshold) if threshold.ndim else [threshold] * len(measured)
@@ -167,19 +175,13 @@ def per_tensor_clipper(
       count=count + 1,
       norm=per_tensor,
       threshold=threshold,
-      scale=layout.vector([_over_units(jnp.min, s) for s, _ in pairs]),
-      clipped=layout.vector([_over_units(jnp.any, c) for _, c in pairs]),
+      scale=layout.vector(layout.reduce_entries(jnp.min, [s for s, _ in pairs])),
+      clipped=layout.vector(layout.reduce_entries(jnp.any, [c for _, c in pairs])),
       **fields,
     )
     return updates, _base.keep_dtypes(state, state_type, new)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _over_units(reduce: Callable[..., jax.Array], values: jax.Array) -> jax.Array:
-  """Per group member, `reduce` over its units (every axis but the first;
-  never a reshape, which would need a sharded leaf's sharding resolved)."""
-  return reduce(values, axis=tuple(range(1, values.ndim)))
 
 
 def global_summary(state: Any) -> dict[str, jax.Array]:

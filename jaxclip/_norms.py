@@ -143,13 +143,15 @@ def _sharding_key(x: object) -> object:
 
 class _Group(NamedTuple):
   """Leaves reduced together: `members` stacked on axis 0 of `data` (when
-  `stacked`; flattened and zero-padded first when `padded`), or one leaf in
-  place (`data` is the leaf)."""
+  `stacked`; flattened past their `lead` axes and zero-padded first when
+  `padded`), or one leaf in place (`data` is the leaf). Every member has
+  `lead` leading axes that are never reduced (batch or layer axes)."""
 
   members: tuple[int, ...]
   data: jax.Array
   stacked: bool
   padded: bool
+  lead: int
 
 
 class Layout:
@@ -162,7 +164,9 @@ class Layout:
 
   Args:
     leaves: The floating or complex leaves.
-    batch_ndim: Number of leading batch axes every leaf has (never reduced).
+    lead: Number of leading axes never reduced (a batch axis of per-example
+      gradients, the layer axes of a stacked leaf): one int for every leaf,
+      or one per leaf.
     flatten: Whether leaves of unique shapes may be flattened into padded
       groups; only for reductions over whole leaves.
     like: Another layout whose grouping to copy (the leaves must have its
@@ -172,40 +176,49 @@ class Layout:
   def __init__(
     self,
     leaves: Sequence[jax.Array],
-    batch_ndim: int = 0,
+    lead: int | Sequence[int] = 0,
     *,
     flatten: bool = True,
     like: Layout | None = None,
   ):
     self.leaves = [jnp.asarray(x) for x in leaves]
-    self.batch_ndim = batch_ndim
+    self.lead = [lead] * len(self.leaves) if isinstance(lead, int) else list(lead)
     self.acc = jnp.result_type(jnp.float32, *(accumulation_dtype(x.dtype) for x in self.leaves))
     if like is not None:
       plan = [(g.members, g.padded) for g in like.groups]
     else:
       plan = self._plan(flatten)
     self.groups = [self._group(members, padded) for members, padded in plan]
-    order = [i for g in self.groups for i in g.members]
-    self._inverse = np.argsort(np.asarray(order, dtype=np.int64)) if order else None
-    self._in_order = order == sorted(order)
+    # Each leaf has one entry per index of its lead axes; `_entries` lists, in
+    # group order, each entry's position in leaf order.
+    sizes = [math.prod(x.shape[:k]) for x, k in zip(self.leaves, self.lead)]
+    starts = np.cumsum([0, *sizes])
+    order = [np.arange(starts[i], starts[i + 1]) for g in self.groups for i in g.members]
+    self._entries = np.concatenate(order) if order else np.zeros((0,), np.int64)
+    self._inverse = np.argsort(self._entries)
+    self._in_order = bool(np.all(self._entries == np.arange(len(self._entries))))
 
   def _plan(self, flatten: bool) -> list[tuple[tuple[int, ...], bool]]:
     """Groups as (members, padded): stacked by shape, padded, or in place."""
-    b = self.batch_ndim
-    small = [i for i, x in enumerate(self.leaves) if 0 < math.prod(x.shape[b:]) <= _SMALL_LEAF_SIZE]
+    small = [
+      i
+      for i, (x, k) in enumerate(zip(self.leaves, self.lead))
+      if 0 < math.prod(x.shape[k:]) <= _SMALL_LEAF_SIZE
+    ]
     if len(small) < _MIN_LEAVES_TO_GROUP:
       return [((i,), False) for i in range(len(self.leaves))]
     by_key: dict[Any, list[int]] = {}
     for i in small:
       x = self.leaves[i]
-      by_key.setdefault((x.shape, x.dtype, _sharding_key(x)), []).append(i)
+      by_key.setdefault((x.shape, x.dtype, _sharding_key(x), self.lead[i]), []).append(i)
     stacked, padded, grouped = [], {}, set()
-    for (shape, _, sharding), members in by_key.items():
+    for (shape, _, sharding, k), members in by_key.items():
       if len(members) > 1:
         stacked.append(members)
       elif flatten and sharding is None:
-        size = math.prod(shape[b:])
-        padded.setdefault(max(size - 1, 0).bit_length(), []).extend(members)
+        size = math.prod(shape[k:])
+        key = (shape[:k], max(size - 1, 0).bit_length())
+        padded.setdefault(key, []).extend(members)
       else:
         continue
       grouped.update(members)
@@ -217,22 +230,23 @@ class Layout:
 
   def _group(self, members: tuple[int, ...], padded: bool) -> _Group:
     xs = [self.leaves[i] for i in members]
+    k = self.lead[members[0]]
     if len(xs) == 1 and not padded:
-      return _Group(members, xs[0], False, False)
+      return _Group(members, xs[0], False, False, k)
     if padded:
-      b = self.batch_ndim
-      flat = [_magnitude(x, self.acc).reshape(x.shape[:b] + (-1,)) for x in xs]
+      flat = [_magnitude(x, self.acc).reshape(x.shape[:k] + (-1,)) for x in xs]
       width = 1 << max(max(f.shape[-1] for f in flat) - 1, 0).bit_length()
-      xs = [jnp.pad(f, [(0, 0)] * b + [(0, width - f.shape[-1])]) for f in flat]
+      xs = [jnp.pad(f, [(0, 0)] * k + [(0, width - f.shape[-1])]) for f in flat]
     elif len({x.dtype for x in xs}) > 1:
       xs = [_magnitude(x, self.acc) for x in xs]
-    return _Group(members, jnp.stack(xs), True, padded)
+    return _Group(members, jnp.stack(xs), True, padded, k)
 
   def _axes(self, g: _Group, axes_of: AxesOf | None) -> Axes:
     """The axes of `g.data` one power sum spans."""
     shape = g.data.shape[1:] if g.stacked else g.data.shape
-    axes = tuple(range(self.batch_ndim, len(shape))) if axes_of is None else axes_of(shape)
-    return tuple(a + 1 for a in axes) if g.stacked else axes
+    rest = shape[g.lead :]
+    axes = range(len(rest)) if axes_of is None else axes_of(rest)
+    return tuple(a + g.lead + (1 if g.stacked else 0) for a in axes)
 
   def sums(
     self, p: float, down: list[Down] | None = None, axes_of: AxesOf | None = None
@@ -242,8 +256,9 @@ class Layout:
     Args:
       p: The power (inf for the largest magnitude).
       down: Per group, factors multiplying the magnitudes first (`_norm`).
-      axes_of: Maps a member's shape to the axes summed over; None sums over
-        every axis past the batch axes.
+      axes_of: Maps the shape of a member past its lead axes to the axes
+        (counted from the first axis past them) summed over; None sums over
+        every axis past the lead axes.
     """
     out = []
     for k, g in enumerate(self.groups):
@@ -255,20 +270,32 @@ class Layout:
       out.append(s if g.stacked else s[None])
     return out
 
+  def reduce_entries(self, reduce: Any, values: list[jax.Array]) -> list[jax.Array]:
+    """Per group, `reduce` over every axis past the members' lead axes (never
+    a reshape, which would need a sharded leaf's sharding resolved)."""
+    return [reduce(v, axis=tuple(range(1 + g.lead, v.ndim))) for g, v in zip(self.groups, values)]
+
   def vector(self, values: list[jax.Array]) -> jax.Array:
-    """Per-group values of one entry per member, as a vector in leaf order."""
+    """Per-group values of one entry per member and lead index (as from
+    `reduce_entries`), as one vector in leaf order, each leaf's lead indices
+    in row-major order."""
     if not values:
       return jnp.zeros((0,), self.acc)
-    flat = jnp.concatenate([v.reshape(v.shape[0]) for v in values])
+    flat = jnp.concatenate([_replicated(v).reshape(-1) for v in values])
     return flat if self._in_order else flat[self._inverse]
 
   def groupwise(self, vector: jax.Array) -> list[jax.Array]:
-    """A vector with one entry per leaf as per-group values (dims of size 1)."""
-    out = []
+    """A vector with one entry per leaf and lead index as per-group values
+    (dims of size 1 past the lead axes)."""
+    out, start = [], 0
     for g in self.groups:
-      rank = g.data.ndim + (0 if g.stacked else 1)
-      v = vector[np.asarray(g.members)] if len(g.members) > 1 else vector[g.members[0]][None]
-      out.append(v.reshape((len(g.members),) + (1,) * (rank - 1)))
+      shape = g.data.shape if g.stacked else (1, *g.data.shape)
+      lead = shape[: 1 + g.lead]
+      n = math.prod(lead)
+      ids = self._entries[start : start + n]
+      start += n
+      v = vector[ids] if n > 1 else vector[int(ids[0])][None]
+      out.append(v.reshape(lead + (1,) * (len(shape) - len(lead))))
     return out
 
   def per_leaf(self, values: list[jax.Array]) -> list[jax.Array]:
@@ -285,7 +312,25 @@ class Layout:
     for g, v in zip(self.groups, values):
       for j, i in enumerate(g.members):
         out[i] = lax.dynamic_index_in_dim(v, index[j], keepdims=False) if g.stacked else v[0]
+        if g.padded:  # one value per lead index, shaped for the unflattened leaf
+          x = self.leaves[i]
+          out[i] = out[i].reshape(x.shape[: g.lead] + (1,) * (x.ndim - g.lead))
     return out
+
+
+def _replicated(v: jax.Array) -> jax.Array:
+  """`v`, replicated if it is split over Explicit mesh axes (the per-layer
+  records of a leaf sharded on its layer axis): one vector of records cannot
+  hold entries of different shardings. It moves one value per layer."""
+  try:
+    sharding = jax.typeof(v).sharding
+  except (AttributeError, TypeError):
+    return v
+  if not any(s is not None for s in getattr(sharding, "spec", ())):
+    return v
+  return jax.sharding.reshard(
+    v, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  )
 
 
 def _all_reduce(s: jax.Array, p: float, axis_name: str | None) -> jax.Array:

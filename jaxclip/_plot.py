@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import optax
 
-from jaxclip import _recorder, _stats
+from jaxclip import _recorder
+from jaxclip._layers import LayerAxes
 
 _TOP_TENSORS = 6
 
@@ -38,6 +39,7 @@ def plot_norms(
   *,
   per_layer: bool = True,
   params: optax.Params | None = None,
+  layer_axes: LayerAxes = None,
 ) -> pathlib.Path:
   """Saves a PNG of the recorded gradient norms against a clipping threshold.
 
@@ -59,6 +61,8 @@ def plot_norms(
       recorded).
     params: Optional tree whose floating leaves name the tensors (as in
       `stats`).
+    layer_axes: The `layer_axes` given to `record_norms`, to name each layer
+      slice of a stacked leaf.
 
   Returns:
     The path written.
@@ -88,24 +92,12 @@ def plot_norms(
   axes = fig.subplots(2 if panel else 1, 1, sharex=True, squeeze=False)[:, 0]
   _draw_global(axes[0], g, threshold)
   if panel:
-    _draw_shares(axes[1], g, per, _names(per, params))
+    _draw_shares(axes[1], g, per, _recorder.names(per, params, layer_axes))
   axes[-1].set_xlabel("step")
   out = pathlib.Path(path)
   out.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(out, dpi=110)
   return out
-
-
-def _names(per: np.ndarray, params: Any) -> list[str]:
-  if params is None:
-    return [f"tensor {i}" for i in range(per.shape[1])]
-  names = _stats.tensor_names(params)
-  if len(names) != per.shape[1]:
-    raise ValueError(
-      f"`params` has {len(names)} floating leaves but {per.shape[1]} tensors were"
-      " recorded; pass the tree given to `init`."
-    )
-  return names
 
 
 def _draw_global(ax: Any, g: np.ndarray, threshold: float | None) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxclip import _base, _norms, _stats, _validate
+from jaxclip import _base, _layers, _norms, _stats, _validate
 
 _REPORTED_PERCENTILES = (50.0, 90.0, 95.0, 99.0)
 _TABLE_PERCENTILES = (50.0, 75.0, 90.0, 95.0, 99.0, 100.0)
@@ -49,7 +49,7 @@ class RecordNormsState(NamedTuple):
 
 
 def record_norms(
-  num_steps: int, *, per_tensor: bool = True
+  num_steps: int, *, per_tensor: bool = True, layer_axes: _layers.LayerAxes = None
 ) -> optax.GradientTransformationExtraArgs:
   """Records the gradient norms of the first `num_steps` steps, unchanged.
 
@@ -65,6 +65,11 @@ def record_norms(
     num_steps: Number of steps to record (a Python int >= 1).
     per_tensor: Whether to also record the norm of each tensor (used to find
       the layers that dominate the global norm).
+    layer_axes: Which leaves stack several layers on leading axes (an int
+      for every leaf, or a dict such as ``{"blocks": 1}`` from a path
+      fragment to a count): each layer slice is then recorded as a tensor of
+      its own. Give the same `layer_axes` to `suggest_max_norm`,
+      `plot_norms` and `stats` to name them.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
@@ -91,10 +96,12 @@ def record_norms(
     Array([1., 5.], dtype=float32)
   """
   num_steps = _validate.check_int(num_steps, "num_steps", 1)
+  rules = _layers.check_layer_axes(layer_axes)
 
   def init_fn(params):
     dtype = _base.record_dtype(params)
-    k = len(_norms.inexact_leaves(params)) if per_tensor else 0
+    _norms.inexact_leaves(params)  # a Python-number leaf is an error
+    k = _layers.num_entries(params, rules) if per_tensor else 0
     return RecordNormsState(
       _base.zero_count(), jnp.zeros((num_steps,), dtype), jnp.zeros((num_steps, k), dtype)
     )
@@ -105,16 +112,18 @@ def record_norms(
       return updates, state
     leaves = _norms.inexact_leaves(updates)
     k = state.norms.shape[1]
-    if per_tensor and len(leaves) != k:
+    if per_tensor and _layers.num_entries(updates, rules) != k:
       raise ValueError(
-        f"record_norms was initialised for {k} floating leaves but the updates"
-        f" have {len(leaves)}: call `init` with the parameters being trained."
+        f"record_norms was initialised for {k} tensors (floating leaves, or layer"
+        f" slices with `layer_axes`) but the updates have"
+        f" {_layers.num_entries(updates, rules)}: call `init` with the parameters"
+        " being trained."
       )
 
     def record(s):
       dtype = s.global_norm.dtype
       if k:  # the global norm from the per-tensor ones: one pass over the updates
-        row = _norms.leaf_norms(_norms.Layout(leaves), 2.0)
+        row = _norms.leaf_norms(_norms.Layout(leaves, _layers.layer_counts(updates, rules)), 2.0)
         g = _norms.tree_norm([row], 2.0).astype(dtype)
       else:
         row, g = jnp.zeros((0,)), _norms.tree_norm(leaves, 2.0).astype(dtype)
@@ -251,6 +260,7 @@ def suggest_max_norm(
   params: optax.Params | None = None,
   *,
   min_steps: int = 20,
+  layer_axes: _layers.LayerAxes = None,
 ) -> ThresholdSuggestion:
   """Proposes a `max_norm` for `clip_by_global_norm` from recorded norms.
 
@@ -278,6 +288,8 @@ def suggest_max_norm(
     params: Optional tree whose floating leaves name the tensors (as in
       `stats`); without it tensors are named by index.
     min_steps: The fewest finite recorded steps accepted.
+    layer_axes: The `layer_axes` given to `record_norms`, to name each layer
+      slice of a stacked leaf (``blocks/3/attn/qkv/kernel``).
 
   Returns:
     A `ThresholdSuggestion` of plain Python and NumPy values; print it for
@@ -327,24 +339,32 @@ def suggest_max_norm(
     num_steps=int(g.size),
     num_nonfinite=int(g_all.size - g.size),
     percentiles=summary,
-    dominant=_dominant(g_all, per, finite, params),
+    dominant=_dominant(g_all, per, finite, names(per, params, layer_axes)),
     table=table,
     notes=tuple(_notes(g, g_all.size - g.size, percentile)),
     global_norm=g,
   )
 
 
-def _dominant(g, per, finite, params) -> tuple[tuple[str, float], ...]:
+def names(per: np.ndarray | None, params: Any, layer_axes: _layers.LayerAxes) -> list[str]:
+  """Names of the recorded tensors: from `params` (checked to match), else by index."""
+  if per is None:
+    return []
+  if params is None:
+    return [f"tensor {i}" for i in range(per.shape[1])]
+  found = _layers.tensor_names(params, layer_axes)
+  if len(found) != per.shape[1]:
+    raise ValueError(
+      f"`params` has {len(found)} tensors (floating leaves, or layer slices with"
+      f" `layer_axes`) but {per.shape[1]} were recorded; pass the tree given to"
+      " `init` and the `layer_axes` given to `record_norms`."
+    )
+  return found
+
+
+def _dominant(g, per, finite, names) -> tuple[tuple[str, float], ...]:
   if per is None:
     return ()
-  names = [f"tensor {i}" for i in range(per.shape[1])]
-  if params is not None:
-    names = _stats.tensor_names(params)
-    if len(names) != per.shape[1]:
-      raise ValueError(
-        f"`params` has {len(names)} floating leaves but {per.shape[1]} tensors"
-        " were recorded; pass the tree given to `init`."
-      )
   ok = finite & np.all(np.isfinite(per), axis=1) & (g > 0)
   if not ok.any():
     return ()

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxclip import _norms
+from jaxclip import _layers
 
 Scalars = dict[str, jax.Array]
 
@@ -58,28 +58,15 @@ def unwrap(x: Any) -> Any:
 
 def _key_part(entry: Any, keep_all: bool = False) -> str | None:
   """One path entry as a key component (None: left out of the key)."""
-  if isinstance(entry, jax.tree_util.GetAttrKey):
-    return entry.name if keep_all or entry.name not in _TRANSPARENT else None
-  if isinstance(entry, jax.tree_util.DictKey):
-    return str(entry.key)
-  if isinstance(entry, jax.tree_util.SequenceKey):
-    return str(entry.idx)
-  if isinstance(entry, jax.tree_util.FlattenedIndexKey):
-    return str(entry.key)
-  return str(entry).strip(".[]'\"")
+  if isinstance(entry, jax.tree_util.GetAttrKey) and not keep_all and entry.name in _TRANSPARENT:
+    return None
+  return _layers.key_str(entry)
 
 
 def path_name(path: tuple[Any, ...], keep_all: bool = True) -> str:
   """A key path as a slash-separated name: ``layer1/kernel``."""
   parts = (_key_part(e, keep_all) for e in path)
   return "/".join(p for p in parts if p is not None)
-
-
-def tensor_names(params: Any) -> list[str]:
-  """Names of the floating leaves of `params`, in `jax.tree.leaves` order."""
-  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)[0]
-  names = [path_name(p) or f"{i}" for i, (p, x) in enumerate(flat) if _norms.is_inexact(x)]
-  return names
 
 
 class _Found(NamedTuple):
@@ -160,7 +147,13 @@ def _report(record: Any, names: list[str] | None) -> Scalars:
   return out
 
 
-def stats(opt_state: Any, prefix: str = "clip", params: optax.Params | None = None) -> Scalars:
+def stats(
+  opt_state: Any,
+  prefix: str = "clip",
+  params: optax.Params | None = None,
+  *,
+  layer_axes: _layers.LayerAxes = None,
+) -> Scalars:
   """The measurements of every jaxclip transform in an optimizer state.
 
   Finds, by type, every jaxclip state ("record") inside `opt_state`, through
@@ -198,7 +191,10 @@ def stats(opt_state: Any, prefix: str = "clip", params: optax.Params | None = No
     prefix: First component of every key.
     params: Optional tree (parameters or gradients) whose floating leaves
       name the entries of per-tensor records; it must have as many floating
-      leaves as the records have entries.
+      leaves (layer slices, with `layer_axes`) as the records have entries.
+    layer_axes: The `layer_axes` the per-tensor transforms were given: each
+      layer slice of a stacked leaf is then named with its index, as in
+      ``blocks/3/attn/qkv/kernel``.
 
   Returns:
     A dict from key to scalar array, sorted by key; empty when the state holds
@@ -219,7 +215,7 @@ def stats(opt_state: Any, prefix: str = "clip", params: optax.Params | None = No
     {'clip/clipped': 1.0, 'clip/count': 1.0, 'clip/global_norm': 5.0, 'clip/scale': 0.2, 'clip/threshold': 1.0}
   """
   found = find_records(as_optimizer_state(opt_state))
-  names = None if params is None else tensor_names(params)
+  names = None if params is None else _layers.tensor_names(params, layer_axes)
   out: Scalars = {}
   for qual, f in zip(_qualifiers(found), found):
     base = "/".join(filter(None, (prefix, qual)))

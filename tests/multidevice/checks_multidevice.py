@@ -7,6 +7,7 @@ starts, so this file is run in a pytest session of its own.
 import functools
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -41,12 +42,18 @@ def _expected(tree, max_norm):
   return tx.update(tree, tx.init(tree))
 
 
-def _data_moving_ops(hlo_text):
+def _data_moving_ops(hlo_text, width=120):
   return [
-    line.strip()[:120]
+    line.strip()[:width]
     for line in hlo_text.splitlines()
     if any(op + "(" in line or op + "-start(" in line for op in COLLECTIVES_THAT_MOVE_DATA)
   ]
+
+
+def _result_elements(line):
+  """The number of elements of the array an HLO instruction line defines."""
+  dims = re.search(r"= \(?\w+\[([\d,]*)\]", line).group(1)
+  return int(np.prod([int(d) for d in dims.split(",") if d]))
 
 
 def _shard(tree, mesh, shard_small):
@@ -240,6 +247,12 @@ TRANSFORMS = {
   "skip_on_spike": lambda: jaxclip.skip_on_spike(optax.adam(0.1), window=8, min_history=4),
   "skip_nonfinite": lambda: jaxclip.skip_nonfinite(optax.adam(0.1)),
   "record_norms": lambda: jaxclip.record_norms(8),
+  # Stacked layers: every leading axis 0 (of "k", (8, 16, 32), and of the
+  # 40 "w" leaves) is a layer axis, sharded in some layouts.
+  "clip_by_norm_layers": lambda: jaxclip.clip_by_norm(0.5, layer_axes={"k": 1, "w": 1}),
+  "adaptive_grad_clip_layers": lambda: jaxclip.adaptive_grad_clip(0.05, layer_axes={"k": 1}),
+  "adagc_layers": lambda: jaxclip.adagc(warmup_steps=1, warmup_max_norm=0.5, layer_axes={"k": 1}),
+  "record_norms_layers": lambda: jaxclip.record_norms(8, layer_axes={"k": 1, "w": 1}),
   "global_norm": lambda: optax.GradientTransformationExtraArgs(
     lambda params: optax.EmptyState(),
     lambda updates, state, params=None, **extra: (jaxclip.global_norm(updates), state),
@@ -341,7 +354,8 @@ def _assert_trees_close(got, want, what):
 def _sweep_cases():
   """(transform, layout) pairs: every pair with JAXCLIP_FULL_SHARDING_SWEEP=1,
   else each transform on one layout (in turn), which keeps this file fast."""
-  names, layouts = list(TRANSFORMS), list(LAYOUTS)
+  # The stacked-layer transforms have their own test below.
+  names, layouts = [t for t in TRANSFORMS if not t.endswith("_layers")], list(LAYOUTS)
   if os.environ.get("JAXCLIP_FULL_SHARDING_SWEEP"):
     return [(t, lay) for t in names for lay in layouts]
   return [(t, layouts[i % len(layouts)]) for i, t in enumerate(names)]
@@ -360,7 +374,11 @@ def _sweep_params():
   for axis_type in (AxisType.Explicit, AxisType.Auto):
     for transform, layout in _sweep_cases():
       marks = []
-      unitwise = transform in ("clip_by_norm_axis0", "adaptive_grad_clip")  # never flattened
+      unitwise = transform in (
+        "clip_by_norm_axis0",
+        "adaptive_grad_clip",
+        "adaptive_grad_clip_layers",
+      )
       if axis_type == AxisType.Auto and layout == "many_unique_sharded" and not unitwise:
         marks.append(pytest.mark.xfail(strict=True, reason=UNIQUE_SHARDED_UNDER_AUTO))
       params.append(
@@ -369,6 +387,27 @@ def _sweep_params():
         )
       )
   return params
+
+
+LAYER_TRANSFORMS = [t for t in TRANSFORMS if t.endswith("_layers")]
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
+@pytest.mark.parametrize("transform", LAYER_TRANSFORMS)
+@pytest.mark.parametrize("layout", ["axis0", "axis1", "many"])
+def test_layer_axes_on_sharded_leaves(axis_type, transform, layout):
+  """Stacked leaves sharded on their layer axis ("axis0") or another one."""
+  try:
+    test_every_transform_on_sharded_leaves(axis_type, transform, layout)
+  except Exception as e:  # jax._src.sharding.IndivisibleError (not public)
+    if type(e).__name__ != "IndivisibleError":
+      raise
+    # jax 0.9 cannot express the output sharding XLA picks under Auto axes
+    # for the per-layer records of a leaf sharded on its layer axis (fixed
+    # in newer jax; Explicit axes work): a known limit, in docs/scaling.md.
+    if axis_type == AxisType.Auto and jax.__version_info__ < (0, 12):
+      pytest.xfail("jax < 0.12: IndivisibleError for Auto axes and layer-sharded records")
+    raise
 
 
 @pytest.mark.parametrize("axis_type,transform,layout", _sweep_params())
@@ -405,4 +444,14 @@ def test_every_transform_on_sharded_leaves(axis_type, transform, layout):
     for o, x in zip(jax.tree.leaves(out), jax.tree.leaves(grads), strict=True):
       assert o.sharding.is_equivalent_to(x.sharding, x.ndim), (o.sharding, x.sharding)
   hlo = step.lower(grads, state, grads).compile().as_text()
-  assert _data_moving_ops(hlo) == []
+  if transform in LAYER_TRANSFORMS:
+    # A leaf sharded on its layer axis has its per-layer records (one value
+    # per layer) gathered into the replicated state vector. Under Auto axes
+    # XLA may also gather partial sums rather than all-reduce them. Either is
+    # at most the record vector, or smaller than any sharded gradient leaf.
+    moved = [_result_elements(line) for line in _data_moving_ops(hlo, width=None)]
+    entries = max(x.shape[-1] for x in jax.tree.leaves(s1) if x.ndim)
+    smallest = min(x.size for x in jax.tree.leaves(grads) if not x.sharding.is_fully_replicated)
+    assert all(n <= entries or n < smallest for n in moved), (moved, entries, smallest)
+  else:
+    assert _data_moving_ops(hlo) == []
