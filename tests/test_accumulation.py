@@ -186,3 +186,29 @@ def test_scan_recipe_equals_clipping_the_mean_gradient():
     optax.apply_updates(params, m_updates),
     want,
   )
+
+
+def test_clipping_before_a_partition_uses_the_whole_norm():
+  params = _params()
+  g = _micro_grads(0)[0]
+  labels = {"w": "a", "b": "b"}
+  before = optax.chain(
+    jaxclip.clip_by_global_norm(1.0),
+    optax.multi_transform({"a": optax.sgd(1.0), "b": optax.sgd(1.0)}, labels),
+  )
+  inside = optax.multi_transform(
+    {
+      "a": optax.chain(jaxclip.clip_by_global_norm(1.0), optax.sgd(1.0)),
+      "b": optax.chain(jaxclip.clip_by_global_norm(1.0), optax.sgd(1.0)),
+    },
+    labels,
+  )
+  u_before, _ = before.update(g, before.init(params), params)
+  u_inside, _ = inside.update(g, inside.init(params), params)
+  # Before the partition: one scale for the whole tree, norm 1 in all.
+  np.testing.assert_allclose(jaxclip.global_norm(u_before), 1.0, rtol=1e-6)
+  ratio = jax.tree.map(lambda u, x: u / -x, u_before, g)
+  np.testing.assert_allclose(ratio["w"], float(ratio["b"][0]), rtol=1e-5)
+  # Inside: each group is clipped by its own norm (norm 1 per group).
+  np.testing.assert_allclose(jaxclip.global_norm(u_inside["w"]), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(jaxclip.global_norm(u_inside["b"]), 1.0, rtol=1e-6)
