@@ -205,3 +205,57 @@ def test_more_layer_axes_than_a_leaf_has():
   tx = jaxclip.clip_by_block_rms(1.0, layer_axes={"blocks": 2})
   with pytest.raises(ValueError, match="blocks/b .* 2 leading layer axes"):
     tx.init(tree)
+
+
+def test_flax_linen_scan_stack():
+  nn = pytest.importorskip("flax.linen")
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      return nn.LayerNorm()(x + nn.Dense(8)(jnp.tanh(x))), None
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=L)
+      x, _ = blocks(name="blocks")(x, None)
+      return nn.Dense(2, name="head")(x)
+
+  model = Model()
+  x = jax.random.normal(jax.random.key(0), (4, 8))
+  params = model.init(jax.random.key(1), x)
+  grads = jax.grad(lambda p: jnp.sum(model.apply(p, x) ** 2))(params)
+  la = {"blocks": 1}
+  tx = jaxclip.clip_by_norm(0.1, layer_axes=la)
+  clipped, state = tx.update(grads, tx.init(params))
+  names = _layers.tensor_names(params, la)
+  assert "params/blocks/2/Dense_0/kernel" in names and "params/head/kernel" in names
+  assert len(names) == state.norm.shape[0] == 4 * L + 2
+  kernel = grads["params"]["blocks"]["Dense_0"]["kernel"]
+  want = np.asarray([np.linalg.norm(kernel[i]) for i in range(L)])
+  got = dict(zip(names, np.asarray(state.norm)))
+  np.testing.assert_allclose(
+    [got[f"params/blocks/{i}/Dense_0/kernel"] for i in range(L)], want, rtol=1e-6
+  )
+  for i in range(L):
+    np.testing.assert_allclose(
+      jnp.linalg.norm(clipped["params"]["blocks"]["Dense_0"]["kernel"][i]),
+      min(0.1, want[i]),
+      rtol=1e-5,
+    )
+
+
+def test_plot_names_layers(tmp_path):
+  pytest.importorskip("matplotlib")
+  params = _stacked()
+  la = {"blocks": 1}
+  rec = jaxclip.record_norms(5, layer_axes=la)
+  state = rec.init(params)
+  update = jax.jit(rec.update)
+  for step in range(5):
+    _, state = update(_grads(params, step), state)
+  out = jaxclip.plot_norms(state, params=params, layer_axes=la, path=tmp_path / "n.png")
+  assert out.read_bytes()[:4] == b"\x89PNG"
+  with pytest.raises(ValueError, match="layer_axes"):
+    jaxclip.plot_norms(state, params=params, path=tmp_path / "m.png")
