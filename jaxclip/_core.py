@@ -161,7 +161,7 @@ def per_tensor_clipper(
     if needs_params:
       param_layout = _norms.Layout(_base.matching_params(layout, params, name), lead, like=layout)
     measured = [m.astype(dtype) for m in measure(layout, param_layout)]
-    per_tensor = layout.vector(layout.reduce_entries(jnp.max, measured))
+    per_tensor = layout.vector(layout.reduce_entries(_norms.keeping_nan(jnp.max), measured))
     threshold, fields = decide(per_tensor, state, count, extra_args)
     threshold = jnp.asarray(threshold).astype(dtype)
     group_threshold = layout.groupwise(threshold) if threshold.ndim else [threshold] * len(measured)
@@ -175,7 +175,9 @@ def per_tensor_clipper(
       count=count + 1,
       norm=per_tensor,
       threshold=threshold,
-      scale=layout.vector(layout.reduce_entries(jnp.min, [s for s, _ in pairs])),
+      scale=layout.vector(
+        layout.reduce_entries(_norms.keeping_nan(jnp.min), [s for s, _ in pairs])
+      ),
       clipped=layout.vector(layout.reduce_entries(jnp.any, [c for _, c in pairs])),
       **fields,
     )

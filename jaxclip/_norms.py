@@ -108,10 +108,28 @@ def _powered(v: jax.Array, p: float) -> jax.Array:
   return a**p
 
 
+def keeping_nan(reduce: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+  """`reduce` (a max or min) that gives NaN wherever its input holds a NaN,
+  also when the reduced axis is split over devices: a max all-reduce may drop
+  a NaN held by another device (seen on XLA:CPU), a sum never does."""
+
+  def reduced(x: jax.Array, axis: Axes | None = None, keepdims: bool = False, **kw) -> jax.Array:
+    out = reduce(x, axis=axis, keepdims=keepdims, **kw)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+      return out
+    nan = jnp.sum(jnp.where(jnp.isnan(x), x, 0), axis=axis, keepdims=keepdims)
+    return out + nan.astype(out.dtype)
+
+  return reduced
+
+
+_max = keeping_nan(jnp.max)
+
+
 def _reduce(t: jax.Array, p: float, axis: Axes | None, keepdims: bool = False) -> jax.Array:
   # Magnitudes are >= 0, so 0 is the identity of their max (empty leaves).
   if p == math.inf:
-    return jnp.max(t, axis=axis, keepdims=keepdims, initial=0)
+    return _max(t, axis=axis, keepdims=keepdims, initial=0)
   return jnp.sum(t, axis=axis, keepdims=keepdims)
 
 
