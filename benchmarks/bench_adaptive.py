@@ -19,7 +19,17 @@ import numpy as np
 import optax
 
 import jaxclip
-from jaxclip import adagc, autoclip, quantile_clip, skip_nonfinite, skip_on_spike, zclip
+from jaxclip import (
+  adagc,
+  autoclip,
+  clippy,
+  quantile_clip,
+  skip_nonfinite,
+  skip_on_spike,
+  spam_clip,
+  stable_spam_clip,
+  zclip,
+)
 
 
 def make_params(layers: int, d: int = 512, vocab: int = 8192) -> dict:
@@ -75,6 +85,10 @@ def main() -> None:
     "zclip": lambda: optax.chain(zclip(), adamw()),
     "adagc": lambda: optax.chain(adagc(), adamw()),
     "quantile_clip": lambda: optax.chain(quantile_clip(), adamw()),
+    "spam_clip": lambda: optax.chain(spam_clip(), adamw()),
+    "stable_spam_clip": lambda: optax.chain(stable_spam_clip(), adamw()),
+    "stable_spam+gn": lambda: optax.chain(stable_spam_clip(adaptive_norm=True), adamw()),
+    "clippy": lambda: optax.chain(adamw(), clippy()),  # after the optimizer
     "skip_on_spike": lambda: skip_on_spike(optax.chain(jaxclip.clip_by_global_norm(1.0), adamw())),
     "skip_nonfinite": lambda: skip_nonfinite(
       optax.chain(jaxclip.clip_by_global_norm(1.0), adamw())

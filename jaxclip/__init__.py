@@ -23,6 +23,12 @@ from jaxclip._clipping import clip_by_block_rms as clip_by_block_rms
 from jaxclip._clipping import clip_by_global_norm as clip_by_global_norm
 from jaxclip._clipping import clip_by_norm as clip_by_norm
 from jaxclip._clipping import clip_by_value as clip_by_value
+from jaxclip._clippy import ClippyState as ClippyState
+from jaxclip._clippy import clippy as clippy
+from jaxclip._dp import dp_epsilon as dp_epsilon
+from jaxclip._dp import noisy_mean as noisy_mean
+from jaxclip._ghost import ClippedGradInfo as ClippedGradInfo
+from jaxclip._ghost import clipped_grad as clipped_grad
 from jaxclip._guards import SkipNonFiniteState as SkipNonFiniteState
 from jaxclip._guards import SkipOnSpikeState as SkipOnSpikeState
 from jaxclip._guards import skip_nonfinite as skip_nonfinite
@@ -37,6 +43,10 @@ from jaxclip._recorder import ThresholdSuggestion as ThresholdSuggestion
 from jaxclip._recorder import record_norms as record_norms
 from jaxclip._recorder import suggest_max_norm as suggest_max_norm
 from jaxclip._skip import StateCopyWarning as StateCopyWarning
+from jaxclip._spam import SpamClipState as SpamClipState
+from jaxclip._spam import spam_clip as spam_clip
+from jaxclip._stable_spam import StableSpamClipState as StableSpamClipState
+from jaxclip._stable_spam import stable_spam_clip as stable_spam_clip
 from jaxclip._stats import stats as stats
 from jaxclip._zclip import ZClipState as ZClipState
 from jaxclip._zclip import zclip as zclip
@@ -51,11 +61,15 @@ __all__ = [
   "AutoClipState",
   "ClipByGlobalNormState",
   "ClipByValueState",
+  "ClippedGradInfo",
+  "ClippyState",
   "PerTensorClipState",
   "QuantileClipState",
   "RecordNormsState",
   "SkipNonFiniteState",
   "SkipOnSpikeState",
+  "SpamClipState",
+  "StableSpamClipState",
   "StateCopyWarning",
   "ThresholdSuggestion",
   "TrainState",
@@ -68,7 +82,11 @@ __all__ = [
   "clip_by_global_norm",
   "clip_by_norm",
   "clip_by_value",
+  "clipped_grad",
+  "clippy",
+  "dp_epsilon",
   "global_norm",
+  "noisy_mean",
   "per_example_global_norm_clip",
   "per_example_layer_norm_clip",
   "plot_norms",
@@ -76,6 +94,8 @@ __all__ = [
   "record_norms",
   "skip_nonfinite",
   "skip_on_spike",
+  "spam_clip",
+  "stable_spam_clip",
   "stats",
   "suggest_max_norm",
   "unitwise_clip",

@@ -59,6 +59,18 @@ TRANSFORMS = {
     False,
     ("window", "min_history"),
   ),
+  "spam_clip": (
+    lambda: jaxclip.spam_clip(start_step=1, reset_interval=2),
+    {"threshold": 5000.0, "start_step": 1, "reset_interval": 2},
+    False,
+    ("start_step", "reset_interval"),
+  ),
+  "stable_spam_clip": (
+    lambda: jaxclip.stable_spam_clip(adaptive_norm=True),
+    {"theta": 0.999, "adaptive_norm": True},
+    False,
+  ),
+  "clippy": (lambda: jaxclip.clippy(0.1, 1e-3), {"relative": 0.1, "absolute": 1e-3}, True),
   "record_norms": (lambda: jaxclip.record_norms(8), {"num_steps": 8}, False, ("num_steps",)),
   "skip_nonfinite": (
     lambda: jaxclip.skip_nonfinite(optax.identity(), max_consecutive=3),
@@ -77,6 +89,9 @@ NOT_TRANSFORMS = {
   "unitwise_clip",
   "per_example_global_norm_clip",
   "per_example_layer_norm_clip",
+  "clipped_grad",
+  "noisy_mean",
+  "dp_epsilon",
 }
 
 

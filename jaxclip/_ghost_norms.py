@@ -1,0 +1,256 @@
+"""Per-example gradient norms of dense, lookup and conv uses, from factors.
+
+The gradient one example gives a parameter through one use is a sum over
+*positions* t (tokens, pixels) of outer products: ``sum_t a_t (x) b_t``, per
+index h of the contraction's batch axes. For a dense use ``a_t`` is the
+input row and ``b_t`` the output cotangent; for an embedding lookup ``a_t``
+is the one-hot row id; for a convolution ``a_t`` is the input patch. Its
+squared norm is then, with no per-example gradient formed,
+
+    ||sum_t a_t (x) b_t||^2 = sum_{t,s} <a_t, a_s> <b_t, b_s>,
+
+which costs ``T^2`` per example against ``K_a * K_b`` for forming the
+gradient: each parameter takes the cheaper ("mixed ghost norm", Bu et al.,
+2022). A parameter used several times needs the norm of the sum over its
+uses, cross terms included: ``sum_{t,s} <a_t, a'_s> <b_t, b'_s>`` when both
+uses factor the parameter's axes the same way (tied embeddings: the lookup's
+one-hot rows pair with the output head's cotangents).
+
+A `Geometry` describes a use statically (shapes only); its `factors` turns
+the use's input values and output cotangent, for one example, into
+``(a, b)``: arrays ``[H, T, K]``, or an `Index` for one-hot factors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxclip._ghost_trace import Program, Use
+
+_HIGHEST = lax.Precision.HIGHEST
+Axes = tuple[int, ...]
+
+
+class Index(NamedTuple):
+  """One-hot factors: position t is the one-hot vector of ``ids[t]``, or zero
+  where not ``valid[t]``."""
+
+  ids: jax.Array
+  valid: jax.Array
+
+
+Factor = jax.Array | Index
+
+
+class Geometry(NamedTuple):
+  """How a use's per-example gradient factors (see the module docstring).
+
+  Attributes:
+    sets: The parameter axes (view axes when the view is not a permutation of
+      the parameter's axes) of the first and second factors.
+    hset: The parameter axes of the contraction's batch axes.
+    size: ``(H, T, K_a, K_b)``.
+    factors: ``(inputs, cotangent) -> (a, b)`` for one example, `inputs`
+      mapping operand positions to values.
+  """
+
+  sets: tuple[Axes, Axes]
+  hset: Axes
+  size: tuple[int, int, int, int]
+  factors: Callable[[dict[int, Any], jax.Array], tuple[Factor, Factor]]
+
+
+def geometry(prog: Program, use: Use) -> Geometry | None:
+  """The geometry of a dense, lookup or conv use, or None for a form not supported."""
+  op = prog.ops[use.op]
+  shapes = [prog.shape(r) for r in op.ins]
+  perm = use.view.perm or tuple(range(len(shapes[use.pos])))
+  if use.kind == "dense":
+    return _dense(op.params, use.pos, shapes, perm)
+  if use.kind == "lookup" and op.prim.name == "gather":
+    return _gather(op.params, shapes, op.out_avals[0].shape, perm)
+  if use.kind == "lookup":
+    return _dynamic_slice(op.params["slice_sizes"], shapes[0], perm)
+  if use.kind == "conv":
+    return _conv(op.params, shapes, op.out_avals[0].shape, perm)
+  return None
+
+
+def _sorted_by(keys: Sequence[int], items: Sequence[int]) -> list[int]:
+  return [items[i] for i in np.argsort(keys, kind="stable")]
+
+
+def _dense(params: dict, pos: int, shapes: list, perm: Axes) -> Geometry:
+  (lc, rc), (lb, rb) = params["dimension_numbers"]
+  wc, wb, xc, xb = (rc, rb, lc, lb) if pos == 1 else (lc, lb, rc, rb)
+  wshape, xshape = shapes[pos], shapes[1 - pos]
+  wf = [d for d in range(len(wshape)) if d not in wc and d not in wb]
+  xf = [d for d in range(len(xshape)) if d not in xc and d not in xb]
+  nb = len(lb)
+  gx = list(range(nb, nb + len(xf)))
+  gw = list(range(nb + len(xf), nb + len(xf) + len(wf)))
+  if pos == 0:  # the parameter is the left operand: its free axes come first
+    gw, gx = list(range(nb, nb + len(wf))), list(range(nb + len(wf), nb + len(wf) + len(xf)))
+  xc_s = _sorted_by([perm[a] for a in wc], list(xc))
+  xb_s = _sorted_by([perm[a] for a in wb], list(xb))
+  gb_s = _sorted_by([perm[a] for a in wb], list(range(nb)))
+  gw_s = _sorted_by([perm[a] for a in wf], gw)
+  size = tuple(int(np.prod([xshape[d] for d in ds])) for ds in (xb, xf, xc)) + (
+    int(np.prod([wshape[d] for d in wf])),
+  )
+  h, t, ka, kb = size
+
+  def factors(inputs: dict[int, Any], g: jax.Array) -> tuple[Factor, Factor]:
+    x = jnp.transpose(inputs[1 - pos], xb_s + xf + xc_s).reshape(h, t, ka)
+    return x, jnp.transpose(g, gb_s + gx + gw_s).reshape(h, t, kb)
+
+  sets = (tuple(sorted(perm[a] for a in wc)), tuple(sorted(perm[a] for a in wf)))
+  return Geometry(sets, tuple(sorted(perm[a] for a in wb)), size, factors)
+
+
+def _rows(shape: Sequence[int], slice_sizes: Sequence[int]) -> tuple[list, list] | None:
+  """Axes looked up one index at a time, and axes taken whole; None if a
+  slice is neither."""
+  looked = [a for a in range(len(shape)) if slice_sizes[a] != shape[a]]
+  if any(slice_sizes[a] != 1 for a in looked):
+    return None
+  return looked, [a for a in range(len(shape)) if slice_sizes[a] == shape[a]]
+
+
+def _linear_index(starts: dict[int, jax.Array], shape, looked, perm) -> jax.Array:
+  lin = 0
+  for a in _sorted_by([perm[a] for a in looked], looked):
+    lin = lin * shape[a] + starts.get(a, 0)
+  return jnp.asarray(lin, jnp.int32)
+
+
+def _gather(params: dict, shapes: list, out_shape, perm: Axes) -> Geometry | None:
+  dn, sizes, shape = params["dimension_numbers"], params["slice_sizes"], shapes[0]
+  axes = _rows(shape, sizes)
+  if axes is None or dn.operand_batching_dims:
+    return None
+  looked, whole = axes
+  batch_out = [d for d in range(len(out_shape)) if d not in dn.offset_dims]
+  kept = [a for a in range(len(shape)) if a not in dn.collapsed_slice_dims]
+  t = int(np.prod([out_shape[d] for d in batch_out]))
+  kb = int(np.prod([shape[a] for a in whole]))
+  drop = bool(params["mode"] == lax.GatherScatterMode.FILL_OR_DROP)
+  present = [a for a in kept if a in whole]  # a whole axis of size 1 may be collapsed
+  order = [present.index(a) + 1 for a in _sorted_by([perm[a] for a in present], present)]
+
+  def factors(inputs: dict[int, Any], g: jax.Array) -> tuple[Factor, Factor]:
+    idx, starts = inputs[1], {}
+    valid = jnp.ones(idx.shape[:-1], bool)
+    for j, a in enumerate(dn.start_index_map):
+      s, hi = idx[..., j], shape[a] - sizes[a]
+      if drop:  # out-of-bounds rows are filled, and get no gradient
+        valid &= (s >= 0) & (s <= hi)
+      starts[a] = jnp.clip(s, 0, hi)
+    ids = _linear_index(starts, shape, looked, perm).reshape(-1)
+    rows = jnp.transpose(g, batch_out + list(dn.offset_dims))
+    rows = rows.reshape(t, *(shape[a] for a in present))
+    rows = jnp.transpose(rows, [0, *order]).reshape(1, t, kb)
+    return Index(ids * jnp.ones((t,), jnp.int32), valid.reshape(t)), rows
+
+  sets = (tuple(sorted(perm[a] for a in looked)), tuple(sorted(perm[a] for a in whole)))
+  return Geometry(sets, (), (1, t, int(np.prod([shape[a] for a in looked])), kb), factors)
+
+
+def _dynamic_slice(sizes: Sequence[int], shape: Sequence[int], perm: Axes) -> Geometry | None:
+  axes = _rows(shape, sizes)
+  if axes is None:
+    return None
+  looked, whole = axes
+  kb = int(np.prod([shape[a] for a in whole]))
+  order = _sorted_by([perm[a] for a in whole], whole)
+
+  def factors(inputs: dict[int, Any], g: jax.Array) -> tuple[Factor, Factor]:
+    starts = {a: jnp.clip(inputs[1 + a], 0, shape[a] - sizes[a]) for a in looked}
+    ids = _linear_index(starts, shape, looked, perm).reshape(1)
+    return Index(ids, jnp.ones((1,), bool)), jnp.transpose(g, order + looked).reshape(1, 1, kb)
+
+  sets = (tuple(sorted(perm[a] for a in looked)), tuple(sorted(perm[a] for a in whole)))
+  return Geometry(sets, (), (1, 1, int(np.prod([shape[a] for a in looked])), kb), factors)
+
+
+def _conv(params: dict, shapes: list, out_shape, perm: Axes) -> Geometry | None:
+  if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
+    return None
+  lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
+  window = [shapes[1][d] for d in rhs_spec[2:]]
+  t = int(np.prod([out_shape[d] for d in (out_spec[0], *out_spec[2:])]))
+  ka = shapes[0][lhs_spec[1]] * int(np.prod(window))
+  kb = shapes[1][rhs_spec[0]]
+
+  def factors(inputs: dict[int, Any], g: jax.Array) -> tuple[Factor, Factor]:
+    patches = lax.conv_general_dilated_patches(
+      jnp.transpose(inputs[0], lhs_spec),
+      window,
+      params["window_strides"],
+      params["padding"],
+      params["lhs_dilation"],
+      params["rhs_dilation"],
+      precision=_HIGHEST,
+    )  # [N, C * prod(window), *spatial]: C major, as the kernel's (I, *spatial)
+    a = jnp.moveaxis(patches, 1, -1).reshape(1, t, ka)
+    return a, jnp.moveaxis(jnp.transpose(g, out_spec), 1, -1).reshape(1, t, kb)
+
+  sets = (tuple(sorted(perm[a] for a in rhs_spec[1:])), (perm[rhs_spec[0]],))
+  return Geometry(sets, (), (1, t, ka, kb), factors)
+
+
+def _gram(a: Factor, b: Factor) -> jax.Array:
+  """``[H, T_a, T_b]`` inner products between the positions of two factors."""
+  if isinstance(a, Index) and isinstance(b, Index):
+    same = (a.ids[:, None] == b.ids[None, :]) & a.valid[:, None] & b.valid[None, :]
+    return same[None].astype(jnp.float32)
+  if isinstance(a, Index):
+    return jnp.swapaxes(_gram(b, a), 1, 2)
+  a = a.astype(jnp.float32)
+  if isinstance(b, Index):
+    picked = jnp.take(a, b.ids, axis=2, mode="clip")  # [H, T_a, T_b]
+    return jnp.where(b.valid[None, None, :], picked, 0)
+  b = b.astype(jnp.float32)
+  return jnp.einsum("htk,hsk->hts", a, b, precision=_HIGHEST)
+
+
+def _materialized(a: Factor, b: Factor, ka: int, kb: int) -> jax.Array:
+  """The gradient ``[H, K_a, K_b]`` the factors describe."""
+  if isinstance(a, Index):
+    rows = jnp.where(a.valid[:, None], b[0].astype(jnp.float32), 0)
+    return jnp.zeros((ka, kb), jnp.float32).at[a.ids].add(rows, mode="clip")[None]
+  if isinstance(b, Index):
+    return jnp.swapaxes(_materialized(b, a, kb, ka), 1, 2)
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  return jnp.einsum("htk,htl->hkl", a, b, precision=_HIGHEST)
+
+
+def use_ghost(sizes: Sequence[tuple[int, int, int, int]]) -> bool:
+  """Whether the uses of one parameter (their ``(H, T, K_a, K_b)``) are
+  cheaper by ghost norms (``H * T_u * T_w`` per pair) than by forming the
+  gradient (``H * K_a * K_b``)."""
+  h, _, ka, kb = sizes[0]
+  positions = sum(s[1] for s in sizes)
+  return h * positions * positions <= h * ka * kb
+
+
+def squared_norm(factors: list[tuple[Factor, Factor]], sizes: list, ghost: bool) -> jax.Array:
+  """The squared norm of one example's gradient of a parameter, the sum
+  over its uses of the factors given (oriented alike), in float32."""
+  if not ghost:
+    _, _, ka, kb = sizes[0]
+    total = sum(_materialized(a, b, ka, kb) for a, b in factors)
+    return jnp.sum(jnp.square(total))
+  out = jnp.zeros((), jnp.float32)
+  for i, (a, b) in enumerate(factors):
+    for j in range(i, len(factors)):
+      c, d = factors[j]
+      term = jnp.sum(_gram(a, c) * _gram(b, d))
+      out = out + (term if i == j else 2 * term)
+  return out
