@@ -176,6 +176,21 @@ def _weighted_sum(weights: jax.Array, g: jax.Array, dropped: jax.Array | None) -
   if dropped is not None:
     g = jnp.where(dropped.reshape((-1,) + (1,) * (g.ndim - 1)), jnp.zeros((), g.dtype), g)
   if not _norms.is_inexact(g):  # integer gradients sum as numbers, as in optax
-    return jnp.tensordot(weights, g.astype(weights.dtype), axes=1)
+    return _over_batch(weights, g.astype(weights.dtype))
   acc = jnp.result_type(g.dtype, _norms.accumulation_dtype(g.dtype))
-  return jnp.tensordot(weights.astype(acc), g.astype(acc), axes=1).astype(g.dtype)
+  return _over_batch(weights.astype(acc), g.astype(acc)).astype(g.dtype)
+
+
+def _over_batch(weights: jax.Array, g: jax.Array) -> jax.Array:
+  """``sum_i weights[i] * g[i]``. With the batch split over Explicit mesh
+  axes, the sum is all-reduced into the sharding of one example's gradient
+  (jax asks for that sharding to be named)."""
+  try:
+    sharding = jax.typeof(g).sharding
+  except (AttributeError, TypeError):
+    sharding = None
+  spec = tuple(getattr(sharding, "spec", ()))
+  if not spec or spec[0] is None:
+    return jnp.tensordot(weights, g, axes=1)
+  out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+  return jnp.tensordot(weights, g, axes=1, out_sharding=out)

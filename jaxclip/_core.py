@@ -94,7 +94,9 @@ def global_clipper(
       scale, clipped = _base.example_scale(norm, threshold)
       updates = jax.tree.unflatten(jax.tree.structure(updates), _base.weighted_sums(scale, leaves))
       record = dict(
-        norm=jnp.max(norm, initial=0), scale=jnp.min(scale, initial=1), clipped=jnp.any(clipped)
+        norm=_norms.keeping_nan(jnp.max)(norm, initial=0),
+        scale=_norms.keeping_nan(jnp.min)(scale, initial=1),
+        clipped=jnp.any(clipped),
       )
     else:
       scale, clipped = _base.clip_scale(norm, threshold)

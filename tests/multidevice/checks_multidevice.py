@@ -455,3 +455,24 @@ def test_every_transform_on_sharded_leaves(axis_type, transform, layout):
     assert all(n <= entries or n < smallest for n in moved), (moved, entries, smallest)
   else:
     assert _data_moving_ops(hlo) == []
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
+def test_per_example_clipping_with_the_batch_sharded(axis_type):
+  """Per-example gradients sharded on their batch axis: the clipped sum equals
+  the single-device one, and only partial sums are all-reduced."""
+  ks = jax.random.split(jax.random.key(11), 2)
+  host = {
+    "w": jax.random.normal(ks[0], (16, 8, 4)),
+    "b": jnp.where(jnp.arange(16)[:, None] == 3, jnp.nan, jax.random.normal(ks[1], (16, 4))),
+  }
+  mesh = jax.make_mesh((8,), ("batch",), axis_types=(axis_type,))
+  grads = _put(host, mesh, {"w": P("batch"), "b": P("batch")})
+  clip = jax.jit(lambda g: jaxclip.per_example_global_norm_clip(g, 1.0))
+  _assert_trees_close(clip(grads), clip(host), "per_example_global_norm_clip")
+  assert _data_moving_ops(clip.lower(grads).compile().as_text()) == []
+  tx = jaxclip.quantile_clip(per_example=True)
+  state = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P())), tx.init(host))
+  step = jax.jit(tx.update)
+  _assert_trees_close(step(grads, state), jax.jit(tx.update)(host, tx.init(host)), "quantile_clip")
+  assert _data_moving_ops(step.lower(grads, state).compile().as_text()) == []
