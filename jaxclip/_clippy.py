@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxclip import _base, _norms, _validate
@@ -23,7 +24,7 @@ class ClippyState(NamedTuple):
     count: Number of updates processed (int32).
     ratio: Per tensor, the largest ``|u_i| / (relative * |w_i| + absolute)``
       before clipping, how far its step went past the bound (clipped when
-      above 1); NaN when the update or the parameters hold inf or NaN.
+      above 1); NaN when the update holds inf or NaN, or a parameter is NaN.
     scale: Per tensor, the factor its update was multiplied by, ``1 / ratio``
       when clipped: the largest ``s <= 1`` with
       ``s * |u_i| <= relative * |w_i| + absolute`` for all entries ``i`` (the
@@ -120,6 +121,8 @@ def clippy(
   _validate.check_threshold(relative, "relative")
   _validate.check_threshold(absolute, "absolute")
   thresholds = {"relative": relative, "absolute": absolute}
+  fixed = not callable(absolute) and _validate.is_concrete(absolute)
+  zero_bound = not (fixed and bool(np.all(np.asarray(absolute) > 0)))
 
   def init_fn(params):
     dtype = _base.record_dtype(params)
@@ -142,13 +145,13 @@ def clippy(
     weights = _weights(leaves, params)
     rel = _base.resolve(relative, count, dtype)
     ab = _base.resolve(absolute, count, dtype)
-    ratios = [_ratio(u, w, rel, ab) for u, w in zip(leaves, weights)]
-    ratio = jnp.stack(ratios).astype(dtype) if ratios else jnp.zeros((0,), dtype)
-    clipped = ratio > 1  # False for NaN: the tensor passes through
-    scale = jnp.where(clipped, 1 / jnp.where(clipped, ratio, 1), 1).astype(dtype)
-    it = iter(_base.scale_leaf(u, scale[i]) for i, u in enumerate(leaves))
+    ratios = [_ratio(u, w, rel, ab, zero_bound).astype(dtype) for u, w in zip(leaves, weights)]
+    scales = [_scale(r) for r in ratios]
+    it = iter(_base.scale_leaf(u, s) for u, s in zip(leaves, scales))
     updates = _base.map_inexact(lambda x: next(it), updates)
-    new = ClippyState(count=count + 1, ratio=ratio, scale=scale, clipped=clipped)
+    ratio = jnp.stack(ratios) if ratios else jnp.zeros((0,), dtype)
+    scale = jnp.stack(scales) if scales else jnp.ones((0,), dtype)
+    new = ClippyState(count=count + 1, ratio=ratio, scale=scale, clipped=ratio > 1)
     return updates, _base.keep_dtypes(state, ClippyState, new)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -167,12 +170,28 @@ def _weights(leaves: list[jax.Array], params: optax.Params) -> list[jax.Array]:
   return weights
 
 
-def _ratio(u: jax.Array, w: jax.Array, relative: jax.Array, absolute: jax.Array) -> jax.Array:
+def _scale(ratio: jax.Array) -> jax.Array:
+  """1 / ratio above 1, else 1 (also for NaN: the tensor passes through)."""
+  clipped = ratio > 1
+  return jnp.where(clipped, 1 / jnp.where(clipped, ratio, 1), 1).astype(ratio.dtype)
+
+
+def _ratio(
+  u: jax.Array, w: jax.Array, relative: jax.Array, absolute: jax.Array, zero_bound: bool
+) -> jax.Array:
   """max_i |u_i| / (relative * |w_i| + absolute) over the entries with
-  ``u_i != 0`` (inf where the bound is 0), NaN if `u` holds inf or NaN."""
+  ``u_i != 0``; NaN if `u` holds inf or NaN (or `w` NaN where ``u_i != 0``).
+
+  With a positive `absolute` no bound is 0, so an infinite ratio can only come
+  from an infinite update: it is read as NaN after the reduction, which keeps
+  the reduction free of selects (XLA:CPU does not fuse those into it). When
+  bounds can be 0 (`zero_bound`), an infinite update is marked entry by entry.
+  """
   acc = jnp.result_type(relative.dtype, _norms.accumulation_dtype(u.dtype))
   mag = jnp.abs(u).astype(acc)
   bound = relative.astype(acc) * jnp.abs(w).astype(acc) + absolute.astype(acc)
-  # An entry with u_i = 0 imposes nothing, even with a zero bound; mag * 0 is
-  # NaN exactly where u is inf or NaN.
-  return jnp.max(jnp.where(mag == 0, 0, mag / bound) + mag * 0, initial=0)
+  ratio = jnp.where(mag == 0, 0, mag / bound)  # u_i = 0 imposes nothing
+  if zero_bound:
+    return jnp.max(jnp.where(jnp.isinf(mag), jnp.nan, ratio), initial=0)
+  ratio = jnp.max(ratio, initial=0)
+  return jnp.where(jnp.isinf(ratio), jnp.nan, ratio)

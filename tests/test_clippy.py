@@ -139,14 +139,15 @@ def test_zero_updates_and_zero_bounds():
   assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(out))
 
 
+@pytest.mark.parametrize("absolute", [0.0, 1e-3])  # zero bounds possible, or not
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
-def test_nonfinite_update_or_parameter_passes_unscaled(bad):
-  tx = jaxclip.clippy(0.1, 0.0)
+def test_nonfinite_update_or_parameter_passes_unscaled(bad, absolute):
+  tx = jaxclip.clippy(0.1, absolute)
   params = {"a": jnp.ones(3), "b": jnp.ones(2)}
   u = {"a": jnp.array([1.0, bad, 2.0]), "b": jnp.array([1.0, 0.5])}
   out, state = jax.jit(tx.update)(u, tx.init(params), params)
   np.testing.assert_array_equal(out["a"], u["a"])
-  np.testing.assert_allclose(out["b"], [0.1, 0.05], rtol=1e-6)
+  np.testing.assert_allclose(out["b"], np.array([1.0, 0.5]) * (0.1 + absolute), rtol=1e-6)
   assert state.clipped.tolist() == [False, True] and np.isnan(state.ratio[0])
   out, state = tx.update(
     params, tx.init(params), {"a": jnp.array([1.0, bad, 1.0]), "b": params["b"]}
@@ -154,7 +155,7 @@ def test_nonfinite_update_or_parameter_passes_unscaled(bad):
   if bad != bad:  # a NaN parameter: the factor is NaN, the update passes
     np.testing.assert_array_equal(out["a"], params["a"])
   else:  # an infinite parameter bounds nothing; the finite ones do
-    np.testing.assert_allclose(out["a"], 0.1 * np.ones(3), rtol=1e-6)
+    np.testing.assert_allclose(out["a"], (0.1 + absolute) * np.ones(3), rtol=1e-6)
 
 
 def test_bf16_complex_and_mixed_dtypes():
