@@ -371,18 +371,38 @@ def _needs_rescaling(sums: list[jax.Array]) -> jax.Array:
   return ~jnp.isfinite(total) | (total < tiny)
 
 
+def _exponent(m: jax.Array) -> jax.Array:
+  """`e` with ``m = f * 2**e``, ``0.5 <= f < 1``, for finite positive `m`, as
+  `jnp.frexp` gives it, from the bits: `jnp.frexp` drops the sharding of its
+  input under Explicit mesh axes, and a split vector of maxima (one per
+  example, one per unit) would be gathered."""
+  info = jnp.finfo(m.dtype)
+  bits = jnp.dtype(f"int{info.bits}")
+  subnormal = m < info.tiny
+  m = jnp.where(subnormal, m * 2.0**info.nmant, m)
+  biased = lax.shift_right_logical(lax.bitcast_convert_type(m, bits), bits.type(info.nmant))
+  return (biased - (info.maxexp - 2) - jnp.where(subnormal, info.nmant, 0)).astype(jnp.int32)
+
+
+def _power_of_two(k: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """``2**k`` in `dtype` for integer `k` in its normal exponent range."""
+  info = jnp.finfo(dtype)
+  bits = jnp.dtype(f"int{info.bits}")
+  biased = (k + (info.maxexp - 1)).astype(bits)
+  return lax.bitcast_convert_type(lax.shift_left(biased, bits.type(info.nmant)), dtype)
+
+
 def _factors(m: jax.Array) -> tuple[jax.Array, Down, Down]:
   """For largest magnitudes `m`: where they are usable, and the factors
   ``2**-e`` and ``2**e`` (``2**e`` is `m` rounded to a power of two), each as
   two halves so that neither is subnormal."""
   ok = jnp.isfinite(m) & (m > 0)
-  _, e = jnp.frexp(jnp.where(ok, m, 1))
+  e = _exponent(jnp.where(ok, m, 1))
   h = (e // 2, e - e // 2)
-  one = jnp.ones_like(m)
   return (
     ok,
-    (jnp.ldexp(one, -h[0]), jnp.ldexp(one, -h[1])),
-    (jnp.ldexp(one, h[0]), jnp.ldexp(one, h[1])),
+    (_power_of_two(-h[0], m.dtype), _power_of_two(-h[1], m.dtype)),
+    (_power_of_two(h[0], m.dtype), _power_of_two(h[1], m.dtype)),
   )
 
 
