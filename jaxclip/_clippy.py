@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxclip import _base, _norms, _validate
+from jaxclip import _base, _core, _norms, _validate
 from jaxclip._validate import Threshold
 
 __all__ = ["ClippyState", "clippy"]
@@ -42,12 +42,8 @@ class ClippyState(NamedTuple):
 
   def summary(self) -> dict[str, jax.Array]:
     """What `jaxclip.stats` reports (`clipped_fraction` counts tensors)."""
-    k = max(int(self.ratio.shape[0]), 1)
     return {
-      "ratio_max": jnp.max(self.ratio, initial=0),
-      "scale_min": jnp.min(self.scale, initial=1),
-      "clipped": jnp.any(self.clipped),
-      "clipped_fraction": jnp.sum(self.clipped, dtype=jnp.float32) / k,
+      **_core.per_tensor_summary(self, "ratio"),
       "count": self.count,
     }
 

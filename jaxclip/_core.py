@@ -199,11 +199,15 @@ def global_summary(state: Any) -> dict[str, jax.Array]:
   }
 
 
-def per_tensor_summary(state: Any) -> dict[str, jax.Array]:
-  """Scalar summaries of a per-tensor state's vectors (empty ones included)."""
-  k = max(int(state.norm.shape[0]), 1)
+def per_tensor_summary(state: Any, measured: str = "norm") -> dict[str, jax.Array]:
+  """Scalar summaries of a per-tensor state's vectors (empty ones included):
+  the largest of the `measured` field (``norm``, or ``ratio`` for clippers
+  that measure entries against a bound), the smallest scale, and how many
+  tensors were clipped."""
+  values = getattr(state, measured)
+  k = max(int(values.shape[0]), 1)
   return {
-    "norm_max": jnp.max(state.norm, initial=0),
+    f"{measured}_max": jnp.max(values, initial=0),
     "scale_min": jnp.min(state.scale, initial=1),
     "clipped": jnp.any(state.clipped),
     "clipped_fraction": jnp.sum(state.clipped, dtype=jnp.float32) / k,
