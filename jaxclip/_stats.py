@@ -167,8 +167,10 @@ def stats(
   Keys are ``{prefix}/{field}`` when there is one record, such as
   ``clip/global_norm``, ``clip/threshold``, ``clip/scale``,
   ``clip/clipped`` and ``clip/count``. Per-tensor records
-  (`PerTensorClipState`, `AdaGCState`) are summarised as ``norm_max``,
-  ``scale_min``, ``clipped`` (any) and ``clipped_fraction``; with `params`,
+  (`PerTensorClipState`, `AdaGCState`, `StableSpamClipState`) are summarised
+  as ``norm_max``, ``scale_min``, ``clipped`` (any) and ``clipped_fraction``
+  (`SpamClipState` and `ClippyState`, which measure entries against a bound,
+  as ``ratio_max`` and the same three); with `params`,
   each tensor is also reported as ``{prefix}/norm/layer1/kernel``,
   ``.../scale/...``, ``.../clipped/...``. Guards report ``skipped`` and
   ``total_skipped``; `optax.inject_hyperparams` states report their scalar
@@ -176,9 +178,9 @@ def stats(
 
   With several records, each key gets a qualifier after the prefix: the
   record's name (``clip_by_global_norm``, ``clip_by_value``, ``per_tensor``,
-  ``autoclip``, ``adagc``, ``quantile_clip``, ``zclip``, ``skip_on_spike``,
-  ``skip_nonfinite``, ``apply_if_finite``, ``record_norms``,
-  ``inject_hyperparams``) when no other record has the same name, otherwise
+  ``autoclip``, ``adagc``, ``quantile_clip``, ``zclip``, ``spam_clip``,
+  ``stable_spam_clip``, ``clippy``, ``skip_on_spike``, ``skip_nonfinite``,
+  ``apply_if_finite``, ``record_norms``, ``inject_hyperparams``) when no other record has the same name, otherwise
   its path in the state followed by its name (chain indices and partition
   labels; wrapper fields such as ``inner_state`` are left out), e.g.
   ``clip/0/per_tensor/norm_max`` and ``clip/2/per_tensor/norm_max``. Keys

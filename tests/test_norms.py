@@ -108,6 +108,19 @@ def test_float64_accumulates_in_float64():
     np.testing.assert_allclose(got, 1e200 * math.sqrt(2), rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_rescaling_exponents_match_frexp_and_ldexp(dtype):
+  with jax.enable_x64(dtype == "float64"):
+    info = np.finfo(dtype)
+    x = np.array([info.tiny, 0.5, 0.75, 1.0, 3.0, 1e-30, 7e20, info.max], dtype)
+    _, want = np.frexp(x)
+    np.testing.assert_array_equal(_norms._exponent(jnp.asarray(x)), want)
+    k = np.arange(info.minexp, info.maxexp)
+    got = _norms._power_of_two(jnp.asarray(k), jnp.dtype(dtype))
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, np.ldexp(np.ones((), dtype), k))
+
+
 def test_agrees_with_optax_in_float32():
   tree = _random_tree(jax.random.key(1), 40)
   np.testing.assert_allclose(jaxclip.global_norm(tree), optax.tree.norm(tree), rtol=1e-6)
