@@ -3,8 +3,9 @@
 1. Train a small MLP on scikit-learn's handwritten digits for N steps with
    `record_norms` first in the chain: an identity transform that keeps the
    global and per-tensor gradient norms of those steps.
-2. Ask `suggest_max_norm` for a threshold (the 90th percentile of the recorded
-   global norms) and print its reasoning; save a plot of the norms.
+2. Ask `suggest_max_norm` for a threshold (by its default rule, from how the
+   recorded global norms moved, or at `--percentile`) and print its
+   reasoning; save a plot of the norms.
 3. Train again from the same initialisation with
    `clip_by_global_norm(suggested)` and print a summary of both runs.
 
@@ -87,7 +88,9 @@ def accuracy(model, params, data):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=400, help="steps recorded, then trained")
-  parser.add_argument("--percentile", type=float, default=90.0)
+  parser.add_argument(
+    "--percentile", type=float, default=None, help="default: suggest_max_norm's rule"
+  )
   parser.add_argument("--out", type=pathlib.Path, default=None, help="folder for the plot")
   parser.add_argument("--fast", action="store_true", help="few steps, for CI")
   args = parser.parse_args()

@@ -111,6 +111,51 @@ def test_only_recorded_steps_and_finite_norms_count():
   assert any("inf/NaN" in n for n in s.notes)
 
 
+def test_default_rule_median_when_the_norm_settled():
+  g = np.r_[12.0, 5.0, np.linspace(2.0, 1.0, 58)]  # fell from its first value
+  s = suggest_max_norm(g)
+  assert (s.percentile, s.factor) == (50.0, 1.0)
+  np.testing.assert_allclose(s.raw, np.median(g))
+  assert s.max_norm == float(f"{np.median(g):.2g}")
+  assert "settled" in s.notes[0]
+  assert "(the 50th percentile of 60 recorded" in str(s)
+
+
+def test_default_rule_quarter_median_when_every_step_is_large():
+  rng = np.random.default_rng(1)
+  g = np.exp(rng.normal(size=80))  # no fall from the first step: noise-dominated
+  g[0] = 2.9 * np.median(g)  # just under the 3x fall the rule asks for
+  s = suggest_max_norm(g)
+  assert (s.percentile, s.factor) == (50.0, 0.25)
+  np.testing.assert_allclose(s.raw, 0.25 * np.median(g))
+  assert f"0.25 x the 50th percentile, {np.median(g):.4g}, of 80 recorded" in str(s)
+  assert "pass `percentile`" in s.notes[0] and "quarter of the median" in s.notes[0]
+  g[0] = 3.1 * np.median(g)
+  assert suggest_max_norm(g).factor == 1.0
+  assert suggest_max_norm(g, percentile=90).factor == 1.0  # an explicit percentile is kept
+  np.testing.assert_allclose(suggest_max_norm(g, percentile=90).raw, np.percentile(g, 90))
+
+
+def test_default_rule_edge_cases():
+  # The first finite norm is the reference: a non-finite first step is skipped.
+  g = np.r_[np.nan, 10.0, np.linspace(1.0, 2.0, 30)]
+  s = suggest_max_norm(g, percentile=None)
+  assert s.factor == 1.0 and s.num_nonfinite == 1
+  # Close to the rule's 3x fall, the other choice is named.
+  g = np.r_[3.2, np.ones(30)]
+  assert any("close to the rule's 3x" in n and "0.25" in n for n in suggest_max_norm(g).notes)
+  assert not any("close to" in n for n in suggest_max_norm(np.r_[10.0, np.ones(30)]).notes)
+  # A zero threshold would zero every update: an error, not a suggestion.
+  for zeros in (np.zeros(30), np.r_[1.0, np.zeros(20), np.ones(10)]):
+    with pytest.raises(ValueError, match="is 0"):
+      suggest_max_norm(zeros)
+  with pytest.raises(ValueError, match="is 0"):
+    suggest_max_norm(np.zeros(30), percentile=90)
+  assert suggest_max_norm(np.r_[np.zeros(10), np.ones(20)], percentile=90).max_norm == 1.0
+  with pytest.raises(ValueError, match="percentile"):
+    suggest_max_norm(np.ones(30), percentile=np.True_)
+
+
 def test_drift_note():
   s = suggest_max_norm(np.geomspace(10.0, 0.1, 100))
   assert any("fell" in n for n in s.notes)
