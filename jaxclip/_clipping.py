@@ -444,7 +444,7 @@ def clip_by_block_rms(
       for x, k in zip(layout.leaves, layout.lead)
       for _ in range(math.prod(x.shape[:k]))
     ]
-    sizes = layout.groupwise(jnp.asarray(sizes, layout.acc))
+    sizes = layout.groupwise(np.asarray(sizes, layout.acc))
     return [n / jnp.sqrt(size) for n, size in zip(norms, sizes)]
 
   return per_tensor("clip_by_block_rms", measure, threshold, "threshold", layer_axes=layer_axes)

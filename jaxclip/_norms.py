@@ -7,9 +7,11 @@ Design:
   float32 copies and fp16 squares never overflow.
 * The common case is one pass over the gradients. Only when an accumulated
   power sum is not finite, or too small to be represented accurately, are the
-  norms computed again with every value divided by the largest magnitude of
-  what it is summed with. However many norms a call computes (one per leaf,
-  one per unit of every leaf), that decision is one `lax.cond`.
+  sums taken again with the magnitudes scaled by fixed powers of two (a
+  `_Ladder`: for 1 <= p <= 2, one factor below 1 and one above), each norm
+  taking the scaling its sum suits. However many norms a call computes (one
+  per leaf, one per unit of every leaf), that decision is one `lax.cond`, and
+  its branch is a few plain reductions by constants.
 * Leaves are arranged in groups (`Layout`) so that the compiled program holds
   a few reductions rather than one per leaf, which keeps compile time low for
   trees with thousands of leaves: small leaves of one shape (and sharding) are
@@ -25,6 +27,7 @@ Design:
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -51,8 +54,8 @@ _LEAVES_PER_GROUP = 256
 Axes = tuple[int, ...]
 # Maps a leaf's shape to the axes one of its norms spans.
 AxesOf = Callable[[tuple[int, ...]], Axes]
-# A pair of factors with the shape of a power sum (see `_norm`).
-Down = tuple[jax.Array, jax.Array]
+# Maps magnitudes to the values whose powers are summed (see `_norm`).
+Scale = Callable[[jax.Array], jax.Array]
 
 
 def is_inexact(x: object) -> bool:
@@ -267,31 +270,36 @@ class Layout:
     return tuple(a + g.lead + (1 if g.stacked else 0) for a in axes)
 
   def sums(
-    self, p: float, down: list[Down] | None = None, axes_of: AxesOf | None = None
+    self, p: float, scale: Scale | None = None, axes_of: AxesOf | None = None
   ) -> list[jax.Array]:
     """Per group, sum |x|**p (max |x| for p = inf) over each member's axes.
 
     Args:
       p: The power (inf for the largest magnitude).
-      down: Per group, factors multiplying the magnitudes first (`_norm`).
+      scale: Applied to the magnitudes first (a rung of `_norm`'s ladder).
       axes_of: Maps the shape of a member past its lead axes to the axes
         (counted from the first axis past them) summed over; None sums over
         every axis past the lead axes.
     """
     out = []
-    for k, g in enumerate(self.groups):
+    for g in self.groups:
       m = _magnitude(g.data, self.acc)
-      if down is not None:
-        d0, d1 = down[k] if g.stacked else (down[k][0][0], down[k][1][0])
-        m = (m * d0) * d1
+      if scale is not None:
+        m = scale(m)
       s = _reduce(_powered(m, p), p, self._axes(g, axes_of), keepdims=True)
       out.append(s if g.stacked else s[None])
     return out
 
   def reduce_entries(self, reduce: Any, values: list[jax.Array]) -> list[jax.Array]:
     """Per group, `reduce` over every axis past the members' lead axes (never
-    a reshape, which would need a sharded leaf's sharding resolved)."""
-    return [reduce(v, axis=tuple(range(1 + g.lead, v.ndim))) for g, v in zip(self.groups, values)]
+    a reshape of a sharded leaf, which would need its sharding resolved:
+    only values with one entry per member and lead index are reshaped)."""
+    out = []
+    for g, v in zip(self.groups, values):
+      axes = tuple(range(1 + g.lead, v.ndim))
+      whole = all(v.shape[a] == 1 for a in axes)  # one value per entry already
+      out.append(v.reshape(v.shape[: 1 + g.lead]) if whole else reduce(v, axis=axes))
+    return out
 
   def vector(self, values: list[jax.Array]) -> jax.Array:
     """Per-group values of one entry per member and lead index (as from
@@ -302,9 +310,9 @@ class Layout:
     flat = jnp.concatenate([_replicated(v).reshape(-1) for v in values])
     return flat if self._in_order else flat[self._inverse]
 
-  def groupwise(self, vector: jax.Array) -> list[jax.Array]:
+  def groupwise(self, vector: jax.Array | np.ndarray) -> list[jax.Array]:
     """A vector with one entry per leaf and lead index as per-group values
-    (dims of size 1 past the lead axes)."""
+    (dims of size 1 past the lead axes); NumPy constants stay constants."""
     out, start = [], 0
     for g in self.groups:
       shape = g.data.shape if g.stacked else (1, *g.data.shape)
@@ -312,7 +320,10 @@ class Layout:
       n = math.prod(lead)
       ids = self._entries[start : start + n]
       start += n
-      v = vector[ids] if n > 1 else vector[int(ids[0])][None]
+      if n > 1 and not isinstance(vector, np.ndarray) and np.all(np.diff(ids) == 1):
+        v = lax.slice_in_dim(vector, int(ids[0]), int(ids[0]) + n)  # not a gather
+      else:
+        v = vector[ids]
       out.append(v.reshape(lead + (1,) * (len(shape) - len(lead))))
     return out
 
@@ -371,60 +382,122 @@ def _needs_rescaling(sums: list[jax.Array]) -> jax.Array:
   return ~jnp.isfinite(total) | (total < tiny)
 
 
-def _exponent(m: jax.Array) -> jax.Array:
-  """`e` with ``m = f * 2**e``, ``0.5 <= f < 1``, for finite positive `m`, as
-  `jnp.frexp` gives it, from the bits: `jnp.frexp` drops the sharding of its
-  input under Explicit mesh axes, and a split vector of maxima (one per
-  example, one per unit) would be gathered."""
-  info = jnp.finfo(m.dtype)
-  bits = jnp.dtype(f"int{info.bits}")
-  subnormal = m < info.tiny
-  m = jnp.where(subnormal, m * 2.0**info.nmant, m)
-  biased = lax.shift_right_logical(lax.bitcast_convert_type(m, bits), bits.type(info.nmant))
-  return (biased - (info.maxexp - 2) - jnp.where(subnormal, info.nmant, 0)).astype(jnp.int32)
+# Rescaled power sums are exact to the float's precision for up to
+# 2**_LOG2_TERMS terms (`_ladder`).
+_LOG2_TERMS = 40
 
 
-def _power_of_two(k: jax.Array, dtype: jnp.dtype) -> jax.Array:
-  """``2**k`` in `dtype` for integer `k` in its normal exponent range."""
+class _Ladder(NamedTuple):
+  """Power-of-two scalings of the magnitudes for sums that overflow or lose
+  precision (`_ladder`): rungs ``-below .. above``, rung k multiplying by
+  ``2**(k * step)``.
+
+  A rung's sum *fits* below ``2**(emax - 2)`` and is *accurate* from
+  ``2**(emin + _LOG2_TERMS + bits)`` up (the terms lost to underflow are then
+  below its precision). Each norm comes from rung 0 when it fits, else from
+  the highest lower rung that fits; from a higher rung when rung 0 is not
+  accurate.
+  """
+
+  step: int
+  below: int
+  above: int
+  fits: float
+  accurate: float
+
+  def rung(self, k: int, dtype: jnp.dtype, p: float, capped: bool = True) -> _Rung:
+    e = (jnp.finfo(dtype).maxexp - 1) / p - k * self.step  # the cap's exponent
+    cap = 2.0**e if capped and e < jnp.finfo(dtype).maxexp else math.inf
+    return _Rung(k, self.step, cap)
+
+
+@functools.cache
+def _ladder(dtype: jnp.dtype, p: float) -> _Ladder:
+  """The ladder with the fewest rungs such that: a rung below one that does
+  not fit is accurate; the lowest rung fits every sum whose norm is finite;
+  the highest lifts the smallest normal float's power above `tiny`; and,
+  where possible (1 <= p <= 2), the chain of factors in the gradient stays
+  within the float range on every rung taken."""
   info = jnp.finfo(dtype)
-  bits = jnp.dtype(f"int{info.bits}")
-  biased = (k + (info.maxexp - 1)).astype(bits)
-  return lax.bitcast_convert_type(lax.shift_left(biased, bits.type(info.nmant)), dtype)
+  emax, emin, bits = info.maxexp, info.minexp, info.nmant + 1
+  fits, accurate = emax - 2, emin + _LOG2_TERMS + bits
+  need_below, need_above = emax - fits / p, -emin * (1 - 1 / p)
+
+  def rungs(step: int) -> tuple[int, int]:
+    return max(math.ceil(need_below / step), 0), max(math.ceil(need_above / step), 0)
+
+  def gradient_in_range(step: int) -> bool:
+    below, above = rungs(step)
+    slope = 1 / p - 1  # d root / d sum = sum**slope / p
+    up = -above * step - math.log2(p) + slope * (accurate + step * p)
+    down = below * step - math.log2(p) + slope * (fits - step * p)
+    return up >= emin and down < emax - 1
+
+  # A rung below one whose sum does not fit must be accurate.
+  steps = [s for s in range(1, emax - 1) if s * p <= fits - accurate]
+  safe = [s for s in steps if gradient_in_range(s)] if 1 <= p <= 2 else []
+  step = min(safe or steps, key=lambda s: (sum(rungs(s)), -s))
+  return _Ladder(step, *rungs(step), 2.0**fits, 2.0**accurate)
 
 
-def _factors(m: jax.Array) -> tuple[jax.Array, Down, Down]:
-  """For largest magnitudes `m`: where they are usable, and the factors
-  ``2**-e`` and ``2**e`` (``2**e`` is `m` rounded to a power of two), each as
-  two halves so that neither is subnormal."""
-  ok = jnp.isfinite(m) & (m > 0)
-  e = _exponent(jnp.where(ok, m, 1))
-  h = (e // 2, e - e // 2)
-  return (
-    ok,
-    (_power_of_two(-h[0], m.dtype), _power_of_two(-h[1], m.dtype)),
-    (_power_of_two(h[0], m.dtype), _power_of_two(h[1], m.dtype)),
-  )
+class _Rung(NamedTuple):
+  """Magnitudes times ``2**(k * step)``, each first capped at `cap` so that
+  no term exceeds ``2**(emax - 1)``: a sum holding a capped term does not
+  fit, and the gradient stays finite when the rung is not taken."""
+
+  k: int
+  step: int
+  cap: float
+
+  def _times(self, x: jax.Array, sign: int) -> jax.Array:
+    factor = jnp.asarray(2.0 ** (sign * self.step), x.dtype)
+    for _ in range(abs(self.k)):  # products past the float range, in steps
+      x = x * factor
+    return x
+
+  def __call__(self, m: jax.Array) -> jax.Array:
+    if self.cap < math.inf:  # magnitudes may be signed (real leaves)
+      cap = jnp.asarray(self.cap, m.dtype)
+      m = jnp.clip(m, -cap, cap)
+    return self._times(m, 1 if self.k > 0 else -1)
+
+  def unscale(self, norm: jax.Array) -> jax.Array:
+    return self._times(norm, -1 if self.k > 0 else 1)
 
 
-def _norm(power_sums: Callable[[float, list[Down] | None], list[jax.Array]], p: float):
-  """The p-norms from ``power_sums(q, down)``, rescaling only when needed.
+def _norm(power_sums: Callable[[float, Scale | None], list[jax.Array]], p: float):
+  """The p-norms from ``power_sums(q, scale)``, rescaling only when needed.
 
   The common case is one pass. When a power sum is not finite, or too small
-  to be accurate, each magnitude is multiplied by the `down` factors of what
-  it is summed with (exact powers of two) and the result scaled back.
+  to be accurate, the sums are taken again on a `_Ladder` of power-of-two
+  scalings of the magnitudes (for 1 <= p <= 2, one rung below 1 and one
+  above), and each norm comes from the rung its sum suits, scaled back. Every
+  rung is a constant factor, so rescaling costs a few plain reductions.
   """
   sums = power_sums(p, None)
   if p == math.inf or not sums:  # A max never overflows.
     return sums
+  dtype = sums[0].dtype
+  ladder = _ladder(jnp.dtype(dtype), float(p))
+  if ladder.below == ladder.above == 0:  # no sum can overflow or lose precision
+    return [root(s, p) for s in sums]
 
   def rescaled():
-    maxima = power_sums(math.inf, None)
-    parts = [_factors(m) for m in maxima]
-    again = power_sums(p, [down for _, down, _ in parts])
-    return [
-      jnp.where(ok, root(s, p) * up[0] * up[1], lax.stop_gradient(m))
-      for s, m, (ok, _, up) in zip(again, maxima, parts)
-    ]
+    # The lowest rung is not capped: finite inputs whose norm is finite
+    # cannot overflow it, so an inf or NaN there is the norm.
+    lowest = ladder.rung(-ladder.below, dtype, p, capped=False)
+    chosen = power_sums(p, lowest)
+    out = [lowest.unscale(root(s, p)) for s in chosen]
+    for k in range(1 - ladder.below, ladder.above + 1):
+      rung = ladder.rung(k, dtype, p)
+      again = sums if k == 0 else power_sums(p, rung)
+      take = [
+        (s < ladder.fits) & (c < ladder.accurate) if k > 0 else s < ladder.fits
+        for s, c in zip(again, chosen)
+      ]
+      out = [jnp.where(t, rung.unscale(root(s, p)), o) for t, s, o in zip(take, again, out)]
+      chosen = [jnp.where(t, s, c) for t, s, c in zip(take, again, chosen)]
+    return out
 
   plain = lambda: [root(s, p) for s in sums]  # noqa: E731
   return lax.cond(_needs_rescaling(sums), rescaled, plain)
@@ -443,10 +516,8 @@ def tree_norm(
   layout = Layout(leaves, batch_ndim)
   b = batch_ndim
 
-  def power_sums(q, down):
-    if down is not None:  # the factors of the total, shaped for every group
-      down = [tuple(_broadcast_batch(d, g, b) for d in down[0]) for g in layout.groups]
-    parts = [_reduce(s, q, (0, *range(b + 1, s.ndim))) for s in layout.sums(q, down)]
+  def power_sums(q, scale):
+    parts = [_reduce(s, q, (0, *range(b + 1, s.ndim))) for s in layout.sums(q, scale)]
     return [_all_reduce(_reduce(jnp.stack(parts), q, (0,)), q, axis_name)]
 
   return _norm(power_sums, p)[0]
@@ -458,12 +529,6 @@ def tree_sum(leaves: Sequence[jax.Array]) -> jax.Array:
   if not leaves:
     return jnp.zeros((), jnp.float32)
   return sum(jnp.sum(s) for s in Layout(leaves).sums(1.0))
-
-
-def _broadcast_batch(d: jax.Array, g: _Group, batch_ndim: int) -> jax.Array:
-  """A per-batch factor shaped to multiply a group's power sums' shape."""
-  rank = g.data.ndim + (0 if g.stacked else 1)
-  return jnp.reshape(d, (1,) + d.shape + (1,) * (rank - 1 - batch_ndim))
 
 
 def group_norms(
@@ -485,13 +550,10 @@ def paired_group_norms(
   (e.g. gradients and parameters: one `lax.cond` rather than two)."""
   sizes = [len(layout.groups) for layout in layouts]
 
-  def power_sums(q, down):
-    out, start = [], 0
-    for layout, n in zip(layouts, sizes):
-      part = None if down is None else down[start : start + n]
-      out += [_all_reduce(s, q, axis_name) for s in layout.sums(q, part, axes_of)]
-      start += n
-    return out
+  def power_sums(q, scale):
+    return [
+      _all_reduce(s, q, axis_name) for layout in layouts for s in layout.sums(q, scale, axes_of)
+    ]
 
   flat = _norm(power_sums, p)
   starts = np.cumsum([0, *sizes])
@@ -510,8 +572,10 @@ def global_norm(
 
   Magnitudes are accumulated in float32 (float64 for float64 leaves) whatever
   the leaf dtype, and the result never overflows for finite inputs: when the
-  accumulated sum is not finite, the norm is recomputed with every value
-  divided by the largest magnitude. Complex leaves contribute ``|z|``. Integer
+  accumulated sum is not finite (or too small to be accurate), it is taken
+  again with the magnitudes scaled by exact powers of two. Magnitudes below
+  the smallest normal float count as zero, as XLA flushes them. Complex
+  leaves contribute ``|z|``. Integer
   and boolean leaves are skipped. An empty tree has norm 0, and the gradient of
   the norm is finite (zero) at zero.
 

@@ -108,17 +108,64 @@ def test_float64_accumulates_in_float64():
     np.testing.assert_allclose(got, 1e200 * math.sqrt(2), rtol=1e-12)
 
 
+@pytest.mark.parametrize("ord", [1, 1.5, 2, 3, 8])
+@pytest.mark.parametrize("scale", [1e-36, 1e-30, 1e-20, 1e-10, 1.0, 1e10, 1e20, 1e30, 1e37])
+def test_norms_at_every_magnitude_match_float64(ord, scale):
+  # Mixed magnitudes inside the leaf, at every scale of the float32 range.
+  x = scale * np.array([1.0, -0.5, 3.0, 1e-3, 0.0, 2.5], np.float32)
+  x[np.abs(x) < np.finfo(np.float32).tiny] = 0  # XLA flushes subnormals
+  want = np.sum(np.abs(x.astype(np.float64)) ** ord) ** (1 / ord)
+  got = jax.jit(jaxclip.global_norm, static_argnums=1)(jnp.asarray(x), ord)
+  if want > np.finfo(np.float32).max:
+    assert got == jnp.inf
+  else:
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+
+
+@pytest.mark.parametrize("ord", [1.5, 2])
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1.0, 1e20, 1e30])
+def test_gradient_of_a_rescaled_norm(ord, scale):
+  # d||x||_p / dx = sign(x) (|x| / ||x||)**(p - 1), the same at every scale.
+  x = np.array([1.0, -0.5, 3.0, 0.25], np.float32)
+  want = np.sign(x) * (np.abs(x) / np.sum(np.abs(x) ** ord) ** (1 / ord)) ** (ord - 1)
+  got = jax.grad(jaxclip.global_norm)(jnp.asarray(scale * x), ord)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e-10, 1e-8, 1e30])
+def test_gradient_of_a_norm_rescaled_for_another_leaf(scale):
+  # The overflowing leaf sends every norm through the ladder; a small norm
+  # then comes from the rung above 1, and its gradient must not underflow.
+  x = np.array([1.0, -0.5, 3.0, 0.25], np.float32)
+  want = x / np.linalg.norm(x)
+
+  def total(leaves):
+    return jnp.sum(_norms.leaf_norms(_norms.Layout(leaves), 2.0))
+
+  got = jax.grad(total)([jnp.asarray(1e30 * x), jnp.asarray(scale * x)])
+  np.testing.assert_allclose(got[0], want, rtol=1e-5)
+  np.testing.assert_allclose(got[1], want, rtol=1e-5)
+
+
+def test_each_norm_takes_its_own_rung():
+  # One leaf overflows, one underflows, one is plain: one rescaling for all.
+  leaves = [jnp.full((3,), 1e30), jnp.full((5,), 1e-30), jnp.arange(4.0)]
+  got = _norms.leaf_norms(_norms.Layout(leaves), 2.0)
+  want = [1e30 * np.sqrt(3), 1e-30 * np.sqrt(5), np.sqrt(14)]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_rescaling_exponents_match_frexp_and_ldexp(dtype):
-  with jax.enable_x64(dtype == "float64"):
-    info = np.finfo(dtype)
-    x = np.array([info.tiny, 0.5, 0.75, 1.0, 3.0, 1e-30, 7e20, info.max], dtype)
-    _, want = np.frexp(x)
-    np.testing.assert_array_equal(_norms._exponent(jnp.asarray(x)), want)
-    k = np.arange(info.minexp, info.maxexp)
-    got = _norms._power_of_two(jnp.asarray(k), jnp.dtype(dtype))
-    assert got.dtype == dtype
-    np.testing.assert_array_equal(got, np.ldexp(np.ones((), dtype), k))
+@pytest.mark.parametrize("ord", [1, 1.5, 2, 3, 8])
+def test_ladder_rungs_overlap_and_cover_the_range(dtype, ord):
+  info = np.finfo(dtype)
+  ladder = _norms._ladder(jnp.dtype(dtype), float(ord))
+  emax, emin = info.maxexp, info.minexp
+  # A rung below one that does not fit is accurate.
+  assert np.log2(ladder.fits) - ladder.step * ord >= np.log2(ladder.accurate)
+  # The lowest rung holds every finite norm; the highest lifts `tiny`.
+  assert ord * (emax - ladder.below * ladder.step) <= emax - 2
+  assert ord * (emin + ladder.above * ladder.step) >= emin
 
 
 def test_agrees_with_optax_in_float32():
