@@ -126,13 +126,26 @@ def keeping_nan(reduce: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
   return reduced
 
 
-_max = keeping_nan(jnp.max)
+def _max_magnitude(v: jax.Array, axis: Axes | None, keepdims: bool = False) -> jax.Array:
+  """The max of ``|v|``, NaN wherever `v` holds a NaN, also across devices
+  (see `keeping_nan`).
+
+  The NaN is carried by ``0 * sum(v * 2**-64)``, a plain scaled sum that
+  XLA:CPU reduces about ten times faster than a sum of the NaNs selected
+  (which `keeping_nan` takes): it cannot overflow for finite values, and it
+  is NaN for an inf too, where the max is inf already and is kept.
+  """
+  out = jnp.max(jnp.abs(v), axis=axis, keepdims=keepdims, initial=0)
+  if not jnp.issubdtype(v.dtype, jnp.inexact):
+    return out
+  flag = jnp.sum(v * jnp.asarray(2.0**-64, v.dtype), axis=axis, keepdims=keepdims) * 0
+  return jnp.where(jnp.isinf(out), out, out + flag)
 
 
 def _reduce(t: jax.Array, p: float, axis: Axes | None, keepdims: bool = False) -> jax.Array:
   # Magnitudes are >= 0, so 0 is the identity of their max (empty leaves).
   if p == math.inf:
-    return _max(t, axis=axis, keepdims=keepdims, initial=0)
+    return _max_magnitude(t, axis, keepdims)
   return jnp.sum(t, axis=axis, keepdims=keepdims)
 
 
@@ -286,7 +299,11 @@ class Layout:
       m = _magnitude(g.data, self.acc)
       if scale is not None:
         m = scale(m)
-      s = _reduce(_powered(m, p), p, self._axes(g, axes_of), keepdims=True)
+      axes = self._axes(g, axes_of)
+      if p == math.inf:
+        s = _max_magnitude(m, axes, keepdims=True)
+      else:
+        s = jnp.sum(_powered(m, p), axis=axes, keepdims=True)
       out.append(s if g.stacked else s[None])
     return out
 

@@ -100,6 +100,16 @@ def test_non_finite_values():
   assert jaxclip.global_norm(jnp.array([-jnp.inf, 1.0]), math.inf) == jnp.inf
 
 
+def test_max_norm_keeps_nan_and_never_overflows():
+  inf = math.inf
+  assert jnp.isnan(jaxclip.global_norm(jnp.array([1.0, jnp.nan]), inf))
+  assert jnp.isnan(jaxclip.global_norm(jnp.array([jnp.inf, jnp.nan]), inf))
+  # The NaN-carrying sum of the largest floats must not overflow to inf.
+  big = jnp.full((10_000,), jnp.finfo(jnp.float32).max)
+  assert jaxclip.global_norm(big, inf) == jnp.finfo(jnp.float32).max
+  assert jaxclip.global_norm([big, -big], inf) == jnp.finfo(jnp.float32).max
+
+
 def test_float64_accumulates_in_float64():
   with jax.enable_x64(True):
     x = jnp.array([1e200, 1e200], jnp.float64)
