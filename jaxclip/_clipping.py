@@ -165,10 +165,13 @@ def clip_by_value(
     leaves = _norms.inexact_leaves(updates)
     for x in leaves:
       _check_bounds_fit(x, lo, hi)
-    n_out = _norms.tree_sum([_outside(x, lo, hi) for x in leaves])
+    # Leaves of one shape are stacked once, for both records (no padding:
+    # a padded zero may lie outside the bounds).
+    groups = [g.data for g in _norms.Layout(leaves, flatten=False).groups]
+    n_out = _norms.tree_sum([_outside(x, lo, hi) for x in groups])
     new_state = ClipByValueState(
       count=count + 1,
-      max_abs=_norms.tree_norm(leaves, math.inf),
+      max_abs=_norms.tree_norm(groups, math.inf),
       clipped_fraction=n_out / max(sum(x.size for x in leaves), 1),
       clipped=n_out > 0,
     )

@@ -60,8 +60,14 @@ def test_sgd_matches_keras(kwargs):
   got = _optax_run(kwargs, params, grads_per_step)
   # Keras on the JAX backend divides (clipnorm) with XLA:CPU's approximate
   # reciprocal; with_clipping divides exactly, as Keras on TensorFlow does.
-  # Each step may differ by 1 ulp; over the 5 steps, by 2.
-  maxulp = 2 if "clipnorm" in kwargs else 1
+  # Each step may differ by 1 ulp; over the 5 steps, by 2. On the TensorFlow
+  # backend (Keras keeps the backend of its first import, which a TensorFlow
+  # test earlier in the session may have made), TensorFlow sums the global
+  # norm in its own order: 2 ulps there too.
+  norm_based = "clipnorm" in kwargs or (
+    "global_clipnorm" in kwargs and keras.backend.backend() != "jax"
+  )
+  maxulp = 2 if norm_based else 1
   for g, w in zip(got, want):
     assert_ulp(g, w, maxulp)
 
