@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from jaxclip import _base, _core, _norms, _validate
 from jaxclip._layers import LayerAxes
@@ -168,10 +169,11 @@ def clip_by_value(
     # Leaves of one shape are stacked once, for both records (no padding:
     # a padded zero may lie outside the bounds).
     groups = [g.data for g in _norms.Layout(leaves, flatten=False).groups]
-    n_out = _norms.tree_sum([_outside(x, lo, hi) for x in groups])
+    max_abs = _norms.tree_norm(groups, math.inf)
+    n_out = _count_outside(groups, lo, hi, max_abs)
     new_state = ClipByValueState(
       count=count + 1,
-      max_abs=_norms.tree_norm(groups, math.inf),
+      max_abs=max_abs,
       clipped_fraction=n_out / max(sum(x.size for x in leaves), 1),
       clipped=n_out > 0,
     )
@@ -181,6 +183,25 @@ def clip_by_value(
     return updates, _base.keep_dtypes(state, ClipByValueState, new_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _count_outside(
+  groups: list[jax.Array], lo: jax.Array, hi: jax.Array, max_abs: jax.Array
+) -> jax.Array:
+  """The number of entries outside ``[lo, hi]`` (NaN if any is NaN).
+
+  With scalar bounds, the count is taken only on steps where the largest
+  magnitude reaches the nearer bound (or is NaN): no entry can be outside
+  otherwise, and counting is the costliest pass of value clipping.
+  """
+  count = lambda: _norms.tree_sum([_outside(x, lo, hi) for x in groups])  # noqa: E731
+  if lo.ndim or hi.ndim or not groups:
+    return count()
+  # An entry outside is beyond the nearer bound, also as rounded to its dtype
+  # (an entry above the rounded bound is above the bound itself).
+  near = jnp.minimum(jnp.abs(lo), jnp.abs(hi)).astype(max_abs.dtype)
+  maybe = (max_abs > near) | jnp.isnan(max_abs) | (lo > 0) | (hi < 0)
+  return lax.cond(maybe, count, lambda: jnp.zeros((), jnp.float32))
 
 
 def _outside(x: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:

@@ -232,6 +232,31 @@ def test_clip_by_value_counts_in_the_leaf_dtype():
   assert not bool(state.clipped) and float(state.clipped_fraction) == 0.0
 
 
+@pytest.mark.parametrize(
+  ("bounds", "values", "outside"),
+  [
+    ((-1.0, 1.0), [0.5, -1.0, 1.0], 0),  # on the bounds: inside, no count taken
+    ((-1.0, 2.0), [0.5, -1.5, 1.5], 1),  # the nearer bound is reached
+    ((0.5, 2.0), [0.6, 1.0, 1.5], 1),  # 0 lies outside: the bf16 0.25 is out
+    ((-2.0, -0.5), [-1.0, -1.5, 0.0], 2),
+    ((-1.0, 1.0), [0.5, jnp.nan, 0.0], math.nan),
+  ],
+)
+def test_clip_by_value_counts_whenever_an_entry_may_be_outside(bounds, values, outside):
+  x = {"a": jnp.array(values), "b": jnp.array([0.25], jnp.bfloat16)}
+  tx = jaxclip.clip_by_value(*bounds)
+  _, state = jax.jit(tx.update)(x, tx.init(x))
+  np.testing.assert_allclose(state.clipped_fraction, outside / 4, rtol=1e-6)
+
+
+def test_clip_counts_entries_outside_a_bound_rounded_in_the_leaf_dtype():
+  # 1.003 is 1.0 in bf16: the bf16 entry 1.0078125 is outside, the f32 leaf's
+  # entries are not, and the count must not be skipped.
+  x = {"a": jnp.array([1.0078125], jnp.bfloat16), "b": jnp.array([1.0, 0.5])}
+  _, state = _update(jaxclip.clip(1.003), x)
+  np.testing.assert_allclose(state.clipped_fraction, 1 / 3, rtol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float8_e4m3fn, np.float32])
 def test_thresholds_of_any_floating_dtype_are_accepted(dtype):
   g = {"w": jnp.array([3.0, 4.0])}
