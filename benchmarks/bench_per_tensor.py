@@ -77,7 +77,7 @@ AXIS0 = (
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument(
-    "--repeats", type=int, default=3, help="compilations of each; the median is printed"
+    "--repeats", type=int, default=5, help="compilations of each; the median is printed"
   )
   args = parser.parse_args()
   print(
