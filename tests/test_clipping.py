@@ -1,6 +1,7 @@
 """Tests of the fixed-threshold clippers (`jaxclip._clipping`)."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -299,3 +300,15 @@ def test_zclip_modes_and_flags_are_keyword_only():
     jaxclip.zclip(0.97, 2.5, 25, 1.0, "percentile")
   tx = jaxclip.zclip(0.97, 2.5, 25, 1.0, mode="percentile", skip_update_on_spike=True)
   assert isinstance(tx, optax.GradientTransformationExtraArgs)
+
+
+def test_clip_writes_no_scalar_out_as_a_full_size_array():
+  # Leaves of one large shape, clipped and counted at every step: no scalar
+  # (bound or constant) may be broadcast into an array of their size.
+  tree = [jnp.full((256, 512), 2.0) for _ in range(4)]
+  tx = jaxclip.clip(1.0)
+  text = jax.jit(tx.update).lower(tree, tx.init(tree)).compile().as_text()
+  written = re.findall(r"= f32\[256,512\]\{1,0\} fusion\([^)]*\).*calls=%wrapped_broadcast", text)
+  assert not written, written
+  updates, state = tx.update(tree, tx.init(tree))
+  assert float(state.clipped_fraction) == 1.0
