@@ -60,8 +60,6 @@ _STACK_CHUNK = 4
 Axes = tuple[int, ...]
 # Maps a leaf's shape to the axes one of its norms spans.
 AxesOf = Callable[[tuple[int, ...]], Axes]
-# Maps magnitudes to the values whose powers are summed (see `_norm`).
-Scale = Callable[[jax.Array], jax.Array]
 
 
 def is_inexact(x: object) -> bool:
@@ -291,7 +289,7 @@ class Layout:
     return tuple(a + g.lead + (1 if g.stacked else 0) for a in axes)
 
   def sums(
-    self, p: float, scale: Scale | None = None, axes_of: AxesOf | None = None
+    self, p: float, scale: _Rung | None = None, axes_of: AxesOf | None = None
   ) -> list[jax.Array]:
     """Per group, sum |x|**p (max |x| for p = inf) over each member's axes.
 
@@ -302,11 +300,17 @@ class Layout:
         (counted from the first axis past them) summed over; None sums over
         every axis past the lead axes.
     """
+    data = [g.data for g in self.groups]
+    if scale is not None:
+      # Each group reads its own copy of the rung's scalars: XLA:CPU writes a
+      # scalar shared by several reductions out as a full-size array per
+      # shape. (The data keeps XLA from folding the barrier of constants.)
+      copies, data = lax.optimization_barrier(([scale.scalars(self.acc)] * len(data), data))
     out = []
-    for g in self.groups:
-      m = _magnitude(g.data, self.acc)
+    for i, g in enumerate(self.groups):
+      m = _magnitude(data[i], self.acc)
       if scale is not None:
-        m = scale(m)
+        m = scale(m, *copies[i])
       axes = self._axes(g, axes_of)
       if p == math.inf:
         s = _max_magnitude(m, axes, keepdims=True)
@@ -489,23 +493,29 @@ class _Rung(NamedTuple):
   step: int
   cap: float
 
-  def _times(self, x: jax.Array, sign: int) -> jax.Array:
-    factor = jnp.asarray(2.0 ** (sign * self.step), x.dtype)
+  def scalars(self, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """The cap and the factor of one step, as `dtype` scalars."""
+    sign = 1 if self.k > 0 else -1
+    return jnp.asarray(self.cap, dtype), jnp.asarray(2.0 ** (sign * self.step), dtype)
+
+  def _times(self, x: jax.Array, factor: jax.Array) -> jax.Array:
     for _ in range(abs(self.k)):  # products past the float range, in steps
       x = x * factor
     return x
 
-  def __call__(self, m: jax.Array) -> jax.Array:
-    if self.cap < math.inf:  # magnitudes may be signed (real leaves)
-      cap = jnp.asarray(self.cap, m.dtype)
+  def __call__(self, m: jax.Array, cap: jax.Array, factor: jax.Array) -> jax.Array:
+    """The magnitudes `m` (signed for real leaves) capped and scaled, given
+    this rung's `scalars` (a copy per reduction)."""
+    if self.cap < math.inf:
       m = jnp.clip(m, -cap, cap)
-    return self._times(m, 1 if self.k > 0 else -1)
+    return self._times(m, factor)
 
   def unscale(self, norm: jax.Array) -> jax.Array:
-    return self._times(norm, -1 if self.k > 0 else 1)
+    sign = -1 if self.k > 0 else 1
+    return self._times(norm, jnp.asarray(2.0 ** (sign * self.step), norm.dtype))
 
 
-def _norm(power_sums: Callable[[float, Scale | None], list[jax.Array]], p: float):
+def _norm(power_sums: Callable[[float, _Rung | None], list[jax.Array]], p: float):
   """The p-norms from ``power_sums(q, scale)``, rescaling only when needed.
 
   The common case is one pass. When a power sum is not finite, or too small
