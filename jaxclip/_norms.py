@@ -7,11 +7,12 @@ Design:
   float32 copies and fp16 squares never overflow.
 * The common case is one pass over the gradients. Only when an accumulated
   power sum is not finite, or too small to be represented accurately, are the
-  sums taken again with the magnitudes scaled by fixed powers of two (a
-  `_Ladder`: for 1 <= p <= 2, one factor below 1 and one above), each norm
-  taking the scaling its sum suits. However many norms a call computes (one
-  per leaf, one per unit of every leaf), that decision is one `lax.cond`, and
-  its branch is a few plain reductions by constants.
+  sums taken again with the magnitudes scaled by powers of two (a `_Ladder`:
+  for 1 <= p <= 2, one factor below 1 and one above), each norm taking the
+  scaling its sum suits. However many norms a call computes (one per leaf,
+  one per unit of every leaf), that decision is one `lax.cond`, and for
+  1 <= p <= 2 its branch is one reduction per group, each norm scaled by its
+  own factor.
 * Leaves are arranged in groups (`Layout`) so that the compiled program holds
   a few reductions rather than one per leaf, which keeps compile time low for
   trees with thousands of leaves: small leaves of one shape (and sharding) are
@@ -60,6 +61,8 @@ _STACK_CHUNK = 4
 Axes = tuple[int, ...]
 # Maps a leaf's shape to the axes one of its norms spans.
 AxesOf = Callable[[tuple[int, ...]], Axes]
+# Power sums, given scalings of the magnitudes (one per sum) or None.
+PowerSums = Callable[[float, "Sequence[_Scaling] | None"], list[jax.Array]]
 
 
 def is_inexact(x: object) -> bool:
@@ -289,28 +292,32 @@ class Layout:
     return tuple(a + g.lead + (1 if g.stacked else 0) for a in axes)
 
   def sums(
-    self, p: float, scale: _Rung | None = None, axes_of: AxesOf | None = None
+    self,
+    p: float,
+    scalings: Sequence[_Scaling] | None = None,
+    axes_of: AxesOf | None = None,
   ) -> list[jax.Array]:
     """Per group, sum |x|**p (max |x| for p = inf) over each member's axes.
 
     Args:
       p: The power (inf for the largest magnitude).
-      scale: Applied to the magnitudes first (a rung of `_norm`'s ladder).
+      scalings: Per group, applied to the magnitudes first (`_rescaled`),
+        shaped like the group's sums.
       axes_of: Maps the shape of a member past its lead axes to the axes
         (counted from the first axis past them) summed over; None sums over
         every axis past the lead axes.
     """
     data = [g.data for g in self.groups]
-    if scale is not None:
-      # Each group reads its own copy of the rung's scalars: XLA:CPU writes a
-      # scalar shared by several reductions out as a full-size array per
-      # shape. (The data keeps XLA from folding the barrier of constants.)
-      copies, data = lax.optimization_barrier(([scale.scalars(self.acc)] * len(data), data))
+    if scalings is not None:
+      # Each group reads its own copy of its scalings, behind a barrier: XLA
+      # had written scalars shared by several reductions out as full-size
+      # arrays, one per leaf shape.
+      scalings, data = lax.optimization_barrier((list(scalings), data))
     out = []
     for i, g in enumerate(self.groups):
       m = _magnitude(data[i], self.acc)
-      if scale is not None:
-        m = scale(m, *copies[i])
+      if scalings is not None:
+        m = scalings[i](m) if g.stacked else scalings[i].map(lambda a: a[0])(m)
       axes = self._axes(g, axes_of)
       if p == math.inf:
         s = _max_magnitude(m, axes, keepdims=True)
@@ -449,10 +456,13 @@ class _Ladder(NamedTuple):
   fits: float
   accurate: float
 
-  def rung(self, k: int, dtype: jnp.dtype, p: float, capped: bool = True) -> _Rung:
+  def rung(self, k: int, dtype: jnp.dtype, p: float, capped: bool) -> tuple[float, float]:
+    """Rung `k`: the cap of the magnitudes (see `_climbed`) and the factor
+    applied |k| times (``2**step`` or ``2**-step``, products past the float
+    range taken in steps)."""
     e = (jnp.finfo(dtype).maxexp - 1) / p - k * self.step  # the cap's exponent
     cap = 2.0**e if capped and e < jnp.finfo(dtype).maxexp else math.inf
-    return _Rung(k, self.step, cap)
+    return cap, 2.0 ** (self.step if k > 0 else -self.step)
 
 
 @functools.cache
@@ -484,72 +494,106 @@ def _ladder(dtype: jnp.dtype, p: float) -> _Ladder:
   return _Ladder(step, *rungs(step), 2.0**fits, 2.0**accurate)
 
 
-class _Rung(NamedTuple):
-  """Magnitudes times ``2**(k * step)``, each first capped at `cap` so that
-  no term exceeds ``2**(emax - 1)``: a sum holding a capped term does not
-  fit, and the gradient stays finite when the rung is not taken."""
+class _Scaling(NamedTuple):
+  """A scaling of magnitudes by per-norm values (arrays that broadcast
+  against the magnitudes): each capped at `cap` (if any), then multiplied by
+  each of `factors` (powers of two, exact)."""
 
-  k: int
-  step: int
-  cap: float
+  cap: jax.Array | None
+  factors: tuple[jax.Array, ...]
 
-  def scalars(self, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
-    """The cap and the factor of one step, as `dtype` scalars."""
-    sign = 1 if self.k > 0 else -1
-    return jnp.asarray(self.cap, dtype), jnp.asarray(2.0 ** (sign * self.step), dtype)
+  def __call__(self, m: jax.Array) -> jax.Array:
+    if self.cap is not None:  # magnitudes may be signed (real leaves)
+      m = jnp.clip(m, -self.cap, self.cap)
+    for factor in self.factors:
+      m = m * factor
+    return m
 
-  def _times(self, x: jax.Array, factor: jax.Array) -> jax.Array:
-    for _ in range(abs(self.k)):  # products past the float range, in steps
-      x = x * factor
-    return x
-
-  def __call__(self, m: jax.Array, cap: jax.Array, factor: jax.Array) -> jax.Array:
-    """The magnitudes `m` (signed for real leaves) capped and scaled, given
-    this rung's `scalars` (a copy per reduction)."""
-    if self.cap < math.inf:
-      m = jnp.clip(m, -cap, cap)
-    return self._times(m, factor)
-
-  def unscale(self, norm: jax.Array) -> jax.Array:
-    sign = -1 if self.k > 0 else 1
-    return self._times(norm, jnp.asarray(2.0 ** (sign * self.step), norm.dtype))
+  def map(self, fn: Callable[[jax.Array], jax.Array]) -> _Scaling:
+    cap = None if self.cap is None else fn(self.cap)
+    return _Scaling(cap, tuple(fn(f) for f in self.factors))
 
 
-def _norm(power_sums: Callable[[float, _Rung | None], list[jax.Array]], p: float):
-  """The p-norms from ``power_sums(q, scale)``, rescaling only when needed.
+def _rescaled(
+  power_sums: PowerSums, sums: list[jax.Array], p: float, ladder: _Ladder
+) -> list[jax.Array]:
+  """The norms from `sums` (plain power sums, one of which overflowed or lost
+  precision), each taken again with its magnitudes scaled to suit its sum.
+
+  With at most one rung each way (1 <= p <= 2), a single pass: a norm whose
+  sum does not fit takes the rung below 1, one whose sum is not accurate the
+  rung above, the others stay (and recompute their sum unchanged). Each
+  norm's scaling is exactly the one it uses, so its gradient is the plain
+  one at every scale.
+  """
+  if ladder.below > 1 or ladder.above > 1:
+    return _climbed(power_sums, sums, p, ladder)
+  dtype = sums[0].dtype
+  down = 2.0**-ladder.step if ladder.below else 1.0
+  up = 2.0**ladder.step if ladder.above else 1.0
+  factors = [
+    jnp.where(s < ladder.fits, jnp.where(s < ladder.accurate, up, 1.0), down).astype(dtype)
+    for s in sums
+  ]
+  again = power_sums(p, [_Scaling(None, (f,)) for f in factors])
+  return [root(s, p) / f for s, f in zip(again, factors)]  # exact: f is a power of 2
+
+
+def _climbed(
+  power_sums: PowerSums, sums: list[jax.Array], p: float, ladder: _Ladder
+) -> list[jax.Array]:
+  """`_rescaled` for ladders of several rungs a side: the sums on every rung,
+  each norm from rung 0 when it fits, else from the highest lower rung that
+  fits; from a higher rung when rung 0 is not accurate. Magnitudes are capped
+  so that no term exceeds ``2**(emax - 1)``: a sum holding a capped term does
+  not fit, and the gradient stays finite where a rung is not taken. The
+  lowest rung is not capped: finite inputs whose norm is finite cannot
+  overflow it, so an inf or NaN there is the norm."""
+  dtype = sums[0].dtype
+
+  def on(k: int, capped: bool = True) -> tuple[list[jax.Array], Callable]:
+    cap, factor = ladder.rung(k, dtype, p, capped)
+    full = lambda v, s: jnp.full(s.shape, v, dtype)  # noqa: E731
+    scalings = [
+      _Scaling(None if cap == math.inf else full(cap, s), (full(factor, s),) * abs(k)) for s in sums
+    ]
+
+    def unscale(norm: jax.Array) -> jax.Array:
+      for _ in range(abs(k)):
+        norm = norm / factor  # exact: a power of 2
+      return norm
+
+    return (sums if k == 0 else power_sums(p, scalings)), unscale
+
+  chosen, unscale = on(-ladder.below, capped=False)
+  out = [unscale(root(s, p)) for s in chosen]
+  for k in range(1 - ladder.below, ladder.above + 1):
+    again, unscale = on(k)
+    take = [
+      (s < ladder.fits) & (c < ladder.accurate) if k > 0 else s < ladder.fits
+      for s, c in zip(again, chosen)
+    ]
+    out = [jnp.where(t, unscale(root(s, p)), o) for t, s, o in zip(take, again, out)]
+    chosen = [jnp.where(t, s, c) for t, s, c in zip(take, again, chosen)]
+  return out
+
+
+def _norm(power_sums: PowerSums, p: float) -> list[jax.Array]:
+  """The p-norms from ``power_sums(q, scalings)``, rescaling only when needed.
 
   The common case is one pass. When a power sum is not finite, or too small
-  to be accurate, the sums are taken again on a `_Ladder` of power-of-two
-  scalings of the magnitudes (for 1 <= p <= 2, one rung below 1 and one
-  above), and each norm comes from the rung its sum suits, scaled back. Every
-  rung is a constant factor, so rescaling costs a few plain reductions.
+  to be accurate, the sums are taken again with the magnitudes scaled by
+  powers of two (`_rescaled`), each norm on the rung of a `_Ladder` that its
+  sum suits, and scaled back.
   """
   sums = power_sums(p, None)
   if p == math.inf or not sums:  # A max never overflows.
     return sums
-  dtype = sums[0].dtype
-  ladder = _ladder(jnp.dtype(dtype), float(p))
+  ladder = _ladder(jnp.dtype(sums[0].dtype), float(p))
   if ladder.below == ladder.above == 0:  # no sum can overflow or lose precision
     return [root(s, p) for s in sums]
-
-  def rescaled():
-    # The lowest rung is not capped: finite inputs whose norm is finite
-    # cannot overflow it, so an inf or NaN there is the norm.
-    lowest = ladder.rung(-ladder.below, dtype, p, capped=False)
-    chosen = power_sums(p, lowest)
-    out = [lowest.unscale(root(s, p)) for s in chosen]
-    for k in range(1 - ladder.below, ladder.above + 1):
-      rung = ladder.rung(k, dtype, p)
-      again = sums if k == 0 else power_sums(p, rung)
-      take = [
-        (s < ladder.fits) & (c < ladder.accurate) if k > 0 else s < ladder.fits
-        for s, c in zip(again, chosen)
-      ]
-      out = [jnp.where(t, rung.unscale(root(s, p)), o) for t, s, o in zip(take, again, out)]
-      chosen = [jnp.where(t, s, c) for t, s, c in zip(take, again, chosen)]
-    return out
-
   plain = lambda: [root(s, p) for s in sums]  # noqa: E731
+  rescaled = lambda: _rescaled(power_sums, sums, p, ladder)  # noqa: E731
   return lax.cond(_needs_rescaling(sums), rescaled, plain)
 
 
@@ -566,11 +610,19 @@ def tree_norm(
   layout = Layout(leaves, batch_ndim)
   b = batch_ndim
 
-  def power_sums(q, scale):
-    parts = [_reduce(s, q, (0, *range(b + 1, s.ndim))) for s in layout.sums(q, scale)]
+  def power_sums(q, scalings):
+    if scalings is not None:  # one per norm: shaped for each group's sums
+      scalings = [scalings[0].map(functools.partial(_per_entry, g, b)) for g in layout.groups]
+    parts = [_reduce(s, q, (0, *range(b + 1, s.ndim))) for s in layout.sums(q, scalings)]
     return [_all_reduce(_reduce(jnp.stack(parts), q, (0,)), q, axis_name)]
 
   return _norm(power_sums, p)[0]
+
+
+def _per_entry(g: _Group, lead: int, v: jax.Array) -> jax.Array:
+  """`v` (one value per lead index) shaped like the power sums of `g`."""
+  ndim = g.data.ndim + (0 if g.stacked else 1)
+  return v.reshape((1, *v.shape) + (1,) * (ndim - 1 - lead))
 
 
 def tree_sum(leaves: Sequence[jax.Array]) -> jax.Array:
@@ -600,13 +652,17 @@ def paired_group_norms(
   (e.g. gradients and parameters: one `lax.cond` rather than two)."""
   sizes = [len(layout.groups) for layout in layouts]
 
-  def power_sums(q, scale):
+  starts = np.cumsum([0, *sizes])
+
+  def power_sums(q, scalings):
+    per_layout = [None if scalings is None else scalings[a:b] for a, b in zip(starts, starts[1:])]
     return [
-      _all_reduce(s, q, axis_name) for layout in layouts for s in layout.sums(q, scale, axes_of)
+      _all_reduce(s, q, axis_name)
+      for layout, own in zip(layouts, per_layout)
+      for s in layout.sums(q, own, axes_of)
     ]
 
   flat = _norm(power_sums, p)
-  starts = np.cumsum([0, *sizes])
   return [flat[a:b] for a, b in zip(starts[:-1], starts[1:])]
 
 
