@@ -1,10 +1,11 @@
 """Compile time and program size of every transform that optax also has.
 
-For each tree (200 leaves of shape (8, 8) and 64 leaves of shape (128, 128) by
-default) and each transform, lowers and compiles ``jax.jit(tx.update)`` (with
-the parameters passed, as `adaptive_grad_clip` needs them) for jaxclip and for
-optax, and prints the seconds, the size of the lowered StableHLO text in MB
-and the jaxclip/optax ratios. optax has no per-tensor `clip_by_norm`
+For each tree (200 leaves of shape (8, 8), 64 leaves of shape (128, 128) and
+the 87-leaf transformer of `bench_runtime.py`) and each transform, lowers and
+compiles ``jax.jit(tx.update)`` (with the parameters passed, as
+`adaptive_grad_clip` needs them) for jaxclip and for optax, and prints the
+seconds, the size of the lowered StableHLO text in MB, the jaxclip/optax
+ratios and the temporary buffers of each compiled program in MB. optax has no per-tensor `clip_by_norm`
 transform: jaxclip's `clip_by_norm` (and, on the first tree,
 ``clip_by_norm(axis=0)``) is compared with `optax.clip_by_block_rms`, the
 closest per-tensor transform optax has. Each compilation starts from a fresh
@@ -26,21 +27,26 @@ import jax
 import jax.numpy as jnp
 import optax
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import _common  # noqa: E402
 
 import jaxclip  # noqa: E402
 
 
-def compile_cost(make_tx, tree) -> tuple[float, float]:
-  """(seconds to lower + compile, StableHLO text size in MB) of ``tx.update``."""
+def compile_cost(make_tx, tree) -> tuple[float, float, float]:
+  """(seconds to lower + compile, StableHLO text size in MB, temporary
+  buffers of the compiled program in MB) of ``tx.update``."""
   tx = make_tx()
   state = tx.init(tree)
   fn = jax.jit(tx.update)
   start = time.perf_counter()
   lowered = fn.lower(tree, state, tree)
-  lowered.compile()
+  compiled = lowered.compile()
   seconds = time.perf_counter() - start
-  return seconds, len(lowered.as_text()) / 1e6
+  temp = compiled.memory_analysis().temp_size_in_bytes / 1e6
+  return seconds, len(lowered.as_text()) / 1e6, temp
 
 
 # name -> (jaxclip factory, optax factory, label of the optax column)
@@ -84,29 +90,34 @@ def main() -> None:
     f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
     f"jax {jax.__version__}, optax {optax.__version__}"
   )
-  trees = [(200, (8, 8)), (64, (128, 128))]
+  trees = {
+    "200 leaves of (8, 8)": lambda: {f"p{i:04d}": jnp.ones((8, 8)) for i in range(200)},
+    "64 leaves of (128, 128)": lambda: {f"p{i:04d}": jnp.ones((128, 128)) for i in range(64)},
+    "bench_runtime.py's transformer (87 leaves, 40.7M parameters)": _common.transformer_tree,
+  }
   header = (
     f"{'transform':<26}{'optax counterpart':<20}{'jaxclip':>9}{'optax':>9}{'ratio':>7}"
-    f"{'jaxclip MB':>12}{'optax MB':>10}{'ratio':>7}"
+    f"{'jaxclip MB':>12}{'optax MB':>10}{'ratio':>7}{'temp MB':>9}{'optax':>8}"
   )
-  for n, shape in trees:
-    tree = {f"p{i:04d}": jnp.ones(shape, jnp.float32) for i in range(n)}
-    print(f"\n{n} leaves of {shape} (seconds: lower + compile, median of {args.repeats})")
+  for label, build in trees.items():
+    tree = build()
+    print(f"\n{label} (seconds: lower + compile, median of {args.repeats})")
     print(header)
     rows = dict(ROWS)
-    if shape == (8, 8):
+    if label.startswith("200"):
       rows["clip_by_norm(axis=0)"] = AXIS0
-    for name, (ours, theirs, label) in rows.items():
+    for name, (ours, theirs, counterpart) in rows.items():
       ours_s, theirs_s = [], []
       for _ in range(args.repeats):
-        s, ours_mb = compile_cost(ours, tree)
+        s, ours_mb, ours_temp = compile_cost(ours, tree)
         ours_s.append(s)
-        s, theirs_mb = compile_cost(theirs, tree)
+        s, theirs_mb, theirs_temp = compile_cost(theirs, tree)
         theirs_s.append(s)
       o, t = statistics.median(ours_s), statistics.median(theirs_s)
       print(
-        f"{name:<26}{label:<20}{o:>8.3f}s{t:>8.3f}s{o / t:>7.2f}"
-        f"{ours_mb:>12.3f}{theirs_mb:>10.3f}{ours_mb / theirs_mb:>7.2f}",
+        f"{name:<26}{counterpart:<20}{o:>8.3f}s{t:>8.3f}s{o / t:>7.2f}"
+        f"{ours_mb:>12.3f}{theirs_mb:>10.3f}{ours_mb / theirs_mb:>7.2f}"
+        f"{ours_temp:>9.1f}{theirs_temp:>8.1f}",
         flush=True,
       )
   print("\nratio: jaxclip / optax (below 1: jaxclip compiles faster or to a smaller program)")

@@ -280,15 +280,23 @@ def test_many_small_leaves_compile_to_short_concatenations():
   assert max(operands) <= 50, operands
 
 
+# Seen with jax 0.9.2 (not 0.12): |x|**3, and the squares of a reduction over
+# some axes only (AGC's unit norms), are written out before they are reduced,
+# in the plain pass as well as in the rescaling branch.
+_OLD_XLA_WRITES_POWERS = pytest.mark.skipif(
+  jax.__version_info__ < (0, 12), reason="this XLA writes powers out before reducing them"
+)
+
+
 @pytest.mark.parametrize(
   "make",
   [
     lambda: jaxclip.clip_by_global_norm(1.0),
     lambda: jaxclip.clip_by_norm(1.0),
-    lambda: jaxclip.clip_by_norm(1.0, ord=3),
+    pytest.param(lambda: jaxclip.clip_by_norm(1.0, ord=3), marks=_OLD_XLA_WRITES_POWERS),
     lambda: jaxclip.clip_by_norm(1.0, axis=0),
     lambda: jaxclip.clip_by_block_rms(1.0),
-    lambda: jaxclip.adaptive_grad_clip(0.01),
+    pytest.param(lambda: jaxclip.adaptive_grad_clip(0.01), marks=_OLD_XLA_WRITES_POWERS),
     lambda: jaxclip.zclip(),
   ],
   ids=["global", "norm", "norm_ord3", "norm_axis0", "block_rms", "agc", "zclip"],
