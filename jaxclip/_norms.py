@@ -61,8 +61,6 @@ _STACK_CHUNK = 4
 Axes = tuple[int, ...]
 # Maps a leaf's shape to the axes one of its norms spans.
 AxesOf = Callable[[tuple[int, ...]], Axes]
-# Power sums, given scalings of the magnitudes (one per sum) or None.
-PowerSums = Callable[[float, "Sequence[_Scaling] | None"], list[jax.Array]]
 
 
 def is_inexact(x: object) -> bool:
@@ -301,8 +299,8 @@ class Layout:
 
     Args:
       p: The power (inf for the largest magnitude).
-      scalings: Per group, applied to the magnitudes first (`_rescaled`),
-        shaped like the group's sums.
+      scalings: Per group, applied to the magnitudes first (`_rescaled`):
+        arrays that broadcast to the group's sums.
       axes_of: Maps the shape of a member past its lead axes to the axes
         (counted from the first axis past them) summed over; None sums over
         every axis past the lead axes.
@@ -311,7 +309,9 @@ class Layout:
     if scalings is not None:
       # Each group reads its own copy of its scalings, behind a barrier: XLA
       # had written scalars shared by several reductions out as full-size
-      # arrays, one per leaf shape.
+      # arrays, one per leaf shape. The data goes through too, or XLA folds
+      # a barrier of constants away; it is an operand of the branch anyway,
+      # so this copies nothing.
       scalings, data = lax.optimization_barrier((list(scalings), data))
     out = []
     for i, g in enumerate(self.groups):
@@ -514,29 +514,42 @@ class _Scaling(NamedTuple):
     return _Scaling(cap, tuple(fn(f) for f in self.factors))
 
 
+# Power sums, given scalings of the magnitudes (one per sum) or None.
+PowerSums = Callable[[float, Sequence[_Scaling] | None], list[jax.Array]]
+
+
 def _rescaled(
   power_sums: PowerSums, sums: list[jax.Array], p: float, ladder: _Ladder
 ) -> list[jax.Array]:
   """The norms from `sums` (plain power sums, one of which overflowed or lost
   precision), each taken again with its magnitudes scaled to suit its sum.
 
-  With at most one rung each way (1 <= p <= 2), a single pass: a norm whose
-  sum does not fit takes the rung below 1, one whose sum is not accurate the
-  rung above, the others stay (and recompute their sum unchanged). Each
-  norm's scaling is exactly the one it uses, so its gradient is the plain
-  one at every scale.
+  With at most one rung each way (1 <= p <= 2 in float32), a single pass: a
+  norm whose sum does not fit takes the rung below 1, one whose sum is not
+  accurate the rung above, and the others keep their plain sum (the pass
+  scales them by 1). Each norm's scaling is exactly the one it uses, so its
+  gradient is the plain one at every scale.
   """
-  if ladder.below > 1 or ladder.above > 1:
+  # Each sum on its own dtype's ladder (AGC's float32 gradients may come
+  # with float64 parameters).
+  ladders = [_ladder(jnp.dtype(s.dtype), float(p)) for s in sums]
+  if any(lad.below > 1 or lad.above > 1 for lad in ladders):
     return _climbed(power_sums, sums, p, ladder)
-  dtype = sums[0].dtype
+  factors = [_factor(s, lad) for s, lad in zip(sums, ladders)]
+  again = power_sums(p, [_Scaling(None, (f,)) for f in factors])
+  # f is a power of 2, so the division is exact; a norm scaled by 1 keeps its
+  # plain value (summed again, it could round differently).
+  return [jnp.where(f == 1, root(s, p), root(a, p) / f) for s, a, f in zip(sums, again, factors)]
+
+
+def _factor(s: jax.Array, ladder: _Ladder) -> jax.Array:
+  """The power of two by which a one-pass rescaling multiplies the magnitudes
+  whose power sum is `s`: down if `s` does not fit, up if it is not
+  accurate, else 1."""
   down = 2.0**-ladder.step if ladder.below else 1.0
   up = 2.0**ladder.step if ladder.above else 1.0
-  factors = [
-    jnp.where(s < ladder.fits, jnp.where(s < ladder.accurate, up, 1.0), down).astype(dtype)
-    for s in sums
-  ]
-  again = power_sums(p, [_Scaling(None, (f,)) for f in factors])
-  return [root(s, p) / f for s, f in zip(again, factors)]  # exact: f is a power of 2
+  scaled = jnp.where(s < ladder.accurate, up, 1.0)
+  return jnp.where(s < ladder.fits, scaled, down).astype(s.dtype)
 
 
 def _climbed(
@@ -549,21 +562,24 @@ def _climbed(
   not fit, and the gradient stays finite where a rung is not taken. The
   lowest rung is not capped: finite inputs whose norm is finite cannot
   overflow it, so an inf or NaN there is the norm."""
-  dtype = sums[0].dtype
 
   def on(k: int, capped: bool = True) -> tuple[list[jax.Array], Callable]:
-    cap, factor = ladder.rung(k, dtype, p, capped)
-    full = lambda v, s: jnp.full(s.shape, v, dtype)  # noqa: E731
-    scalings = [
-      _Scaling(None if cap == math.inf else full(cap, s), (full(factor, s),) * abs(k)) for s in sums
-    ]
+    cap, factor = ladder.rung(k, sums[0].dtype, p, capped)
 
     def unscale(norm: jax.Array) -> jax.Array:
       for _ in range(abs(k)):
         norm = norm / factor  # exact: a power of 2
       return norm
 
-    return (sums if k == 0 else power_sums(p, scalings)), unscale
+    if k == 0:
+      return sums, unscale
+    scalings = [
+      _Scaling(
+        None if cap == math.inf else jnp.full_like(s, cap), (jnp.full_like(s, factor),) * abs(k)
+      )
+      for s in sums
+    ]
+    return power_sums(p, scalings), unscale
 
   chosen, unscale = on(-ladder.below, capped=False)
   out = [unscale(root(s, p)) for s in chosen]
@@ -650,9 +666,7 @@ def paired_group_norms(
 ) -> list[list[jax.Array]]:
   """`group_norms` of several layouts with one rescaling decision for all
   (e.g. gradients and parameters: one `lax.cond` rather than two)."""
-  sizes = [len(layout.groups) for layout in layouts]
-
-  starts = np.cumsum([0, *sizes])
+  starts = np.cumsum([0, *(len(layout.groups) for layout in layouts)])
 
   def power_sums(q, scalings):
     per_layout = [None if scalings is None else scalings[a:b] for a, b in zip(starts, starts[1:])]

@@ -184,6 +184,54 @@ def test_rescaling_takes_one_pass_per_group(ord):
   np.testing.assert_allclose(got, want, rtol=2e-6)
 
 
+@pytest.mark.parametrize("ord", [1.5, 2, 3])
+def test_norms_not_rescaled_keep_their_plain_value(ord):
+  # Another tensor's overflow sends every norm through the branch; those
+  # that needed no rescaling are bit for bit what a plain step gives.
+  others = [jax.random.normal(jax.random.key(i), (37, 11)) for i in range(2)]
+  alone = _norms.leaf_norms(_norms.Layout(others), ord)
+  with_big = _norms.leaf_norms(_norms.Layout([*others, jnp.full((3,), 1e30)]), ord)
+  np.testing.assert_array_equal(with_big[:2], alone)
+  np.testing.assert_allclose(with_big[2], _np_norm([np.full(3, 1e30)], ord), rtol=2e-6)
+
+
+@pytest.mark.parametrize("grads_first", [True, False])
+def test_rescaling_with_float32_and_float64_sums(grads_first):
+  # AGC's float32 gradients with float64 parameters (x64): each sum is
+  # rescaled on its own dtype's ladder.
+  with jax.enable_x64(True):
+    grads = [jnp.full((4, 3), 1e30, jnp.float32), jnp.ones((4, 3), jnp.float32)]
+    params = [jnp.full((4, 3), 1e200, jnp.float64), jnp.ones((4, 3), jnp.float64)]
+    first, second = (grads, params) if grads_first else (params, grads)
+    a = _norms.Layout(first)
+    b = _norms.Layout(second, like=a)
+    out = jax.jit(lambda: _norms.paired_group_norms([a, b], 2.0, lambda shape: (0,)))()
+    norms = dict(zip(("first", "second"), out))
+    got_g, got_p = (
+      (norms["first"], norms["second"]) if grads_first else (norms["second"], norms["first"])
+    )
+    np.testing.assert_allclose(got_g[0], 2e30, rtol=1e-6)
+    np.testing.assert_allclose(got_g[1], 2.0, rtol=1e-6)
+    np.testing.assert_allclose(got_p[0], 2e200, rtol=1e-12)
+    np.testing.assert_allclose(got_p[1], 2.0, rtol=1e-12)
+    assert got_g[0].dtype == jnp.float32 and got_p[0].dtype == jnp.float64
+
+
+def test_per_example_norms_rescaled_across_stacked_and_unstacked_leaves():
+  # Per-example norms (batch axis first) of 40 small leaves, stacked, and a
+  # large one, in place: one example overflows, one underflows.
+  scales = np.array([1e30, 1e-30, 1.0], np.float32)
+  keys = jax.random.split(jax.random.key(0), 41)
+  leaves = [jax.random.normal(k, (3, 4)) for k in keys[:40]]
+  leaves.append(jax.random.normal(keys[40], (3, 200, 100)))
+  leaves = [x * scales.reshape((3,) + (1,) * (x.ndim - 1)) for x in leaves]
+  layout = _norms.Layout(leaves, 1)
+  assert any(g.stacked for g in layout.groups) and any(not g.stacked for g in layout.groups)
+  got = jax.jit(lambda xs: _norms.tree_norm(xs, 2.0, batch_ndim=1))(leaves)
+  want = [_np_norm([np.asarray(x)[b] for x in leaves], 2) for b in range(3)]
+  np.testing.assert_allclose(got, want, rtol=2e-6)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("ord", [1, 1.5, 2, 3, 8])
 def test_ladder_rungs_overlap_and_cover_the_range(dtype, ord):
@@ -310,7 +358,10 @@ def test_rescaling_holds_no_gradient_sized_temporaries(make):
   tx = make()
   compiled = jax.jit(tx.update).lower(tree, tx.init(tree), tree).compile()
   leaf_bytes = tree[0].size * tree[0].dtype.itemsize
-  assert compiled.memory_analysis().temp_size_in_bytes < leaf_bytes // 4
+  memory = compiled.memory_analysis()
+  if memory is None:
+    pytest.skip("this backend reports no memory analysis")
+  assert memory.temp_size_in_bytes < leaf_bytes // 4
   big = [x * 1e30 for x in tree]  # squares overflow: the sums are rescaled
   _, state = tx.update(big, tx.init(tree), tree)
   for name, value in jaxclip.stats(state).items():
