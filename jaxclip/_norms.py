@@ -307,12 +307,7 @@ class Layout:
     """
     data = [g.data for g in self.groups]
     if scalings is not None:
-      # Each group reads its own copy of its scalings, behind a barrier: XLA
-      # had written scalars shared by several reductions out as full-size
-      # arrays, one per leaf shape. The data goes through too, or XLA folds
-      # a barrier of constants away; it is an operand of the branch anyway,
-      # so this copies nothing.
-      scalings, data = lax.optimization_barrier((list(scalings), data))
+      scalings, data = own_copies(list(scalings), data)
     out = []
     for i, g in enumerate(self.groups):
       m = _magnitude(data[i], self.acc)
@@ -381,6 +376,19 @@ class Layout:
           x = self.leaves[i]
           out[i] = out[i].reshape(x.shape[: g.lead] + (1,) * (x.ndim - g.lead))
     return out
+
+
+def own_copies(values: list[Any], groups: list[jax.Array]) -> tuple[list[Any], list[jax.Array]]:
+  """`values` (one entry per group: scalars, or arrays of the group's
+  sums' shape) and `groups`, through one optimization barrier.
+
+  XLA:CPU writes a scalar that reductions over several leaves of one shape
+  share out as a full-size array per shape, and keeps it as a temporary of
+  every step. Scalars that come out of the barrier cannot be told apart, so
+  each group reads its own. The groups go through too, or XLA folds a
+  barrier of constants away; they are read anyway, so this copies nothing.
+  """
+  return lax.optimization_barrier((values, groups))
 
 
 def _stack(xs: list[jax.Array]) -> jax.Array:
