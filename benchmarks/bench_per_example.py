@@ -1,12 +1,13 @@
-"""Run time of per-example global-norm clipping (the DP-SGD step), against optax.
+"""Run time of per-example clipping (the DP-SGD step), against optax.
 
-Times a jitted `jaxclip.per_example_global_norm_clip` and a jitted
-`optax.per_example_global_norm_clip` on the same list of per-example
-gradients (by default a batch of 32 examples of about 1M parameters each, in
-four leaves shaped like a small MLP), interleaving the two round by round, and
-prints the median time of each and the jaxclip/optax ratio. It also times one
-read of the per-example gradients (a jitted sum of squares), the least any
-implementation must do.
+Times jitted `per_example_global_norm_clip` and `per_example_layer_norm_clip`
+(uniform split of the bound over the leaves) of jaxclip and of optax on the
+same list of per-example gradients (by default a batch of 32 examples of about
+1M parameters each, in four leaves shaped like a small MLP), interleaving all
+of them round by round, and prints the median time of each and the
+jaxclip/optax ratio of each function. It also times one read of the
+per-example gradients (a jitted sum of squares), the least any implementation
+must do.
 
 Usage: python benchmarks/bench_per_example.py [--batch 32] [--rounds 30]
 """
@@ -48,16 +49,18 @@ def main() -> None:
     f"{args.batch} examples x {per_example / 1e6:.2f}M parameters, {len(grads)} leaves, float32"
   )
 
-  # The norms are around sqrt(1M) = 1000: a clip of 1000 scales about half the examples.
-  fns = {
-    "optax.per_example_global_norm_clip": jax.jit(
-      lambda g: optax.per_example_global_norm_clip(g, 1000.0)
-    ),
-    "jaxclip.per_example_global_norm_clip": jax.jit(
-      lambda g: jaxclip.per_example_global_norm_clip(g, 1000.0)
-    ),
-    "one read of the grads": jax.jit(lambda g: sum(jnp.sum(jnp.square(x)) for x in g)),
-  }
+  # The norms are around sqrt(1M) = 1000: a clip of 1000 scales about half
+  # the examples; split uniformly over the 4 leaves, 500 per leaf scales the
+  # two large leaves of most examples.
+  fns = {}
+  for name, bound in (
+    ("per_example_global_norm_clip", 1000.0),
+    ("per_example_layer_norm_clip", 1000.0),
+  ):
+    for lib in (optax, jaxclip):
+      fn = getattr(lib, name)
+      fns[f"{lib.__name__}.{name}"] = jax.jit(lambda g, fn=fn, bound=bound: fn(g, bound))
+  fns["one read of the grads"] = jax.jit(lambda g: sum(jnp.sum(jnp.square(x)) for x in g))
   runners = {}
   for name, fn in fns.items():
 
@@ -72,11 +75,13 @@ def main() -> None:
 
   times = _common.interleaved(runners, args.rounds, args.calls_per_round)
 
-  theirs = _common.median(times["optax.per_example_global_norm_clip"])
-  print(f"{'variant':<40}{'median call':>14}{'vs optax':>10}")
+  base = _common.median(times["optax.per_example_global_norm_clip"])
+  print(f"{'variant':<40}{'median call':>14}{'vs optax global':>17}{'jaxclip/optax':>15}")
   for name, ts in times.items():
     m = _common.median(ts)
-    print(f"{name:<40}{m * 1e3:>11.3f} ms{m / theirs:>9.3f}x")
+    pair = name.replace("jaxclip.", "optax.")
+    ratio = f"{m / _common.median(times[pair]):>14.3f}x" if name.startswith("jaxclip.") else ""
+    print(f"{name:<40}{m * 1e3:>11.3f} ms{m / base:>16.3f}x{ratio}")
 
 
 if __name__ == "__main__":

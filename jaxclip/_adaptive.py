@@ -271,7 +271,7 @@ def adagc(
     )  # fmt: skip
 
   def measure(layout, _):
-    return _norms.group_norms(layout, 2.0, axis_name=axis_name)
+    return _norms.joined_norms(layout, 2.0, axis_name=axis_name)
 
   def decide(norms, state, count, extra_args):
     total = _norms.tree_norm([norms], 2.0)

@@ -439,7 +439,7 @@ def clip_by_norm(
   p = _validate.check_ord(ord)
   axis = _validate.check_axis(axis)
   if axis is None:
-    measure = lambda layout, _: _norms.group_norms(layout, p)  # noqa: E731
+    measure = lambda layout, _: _norms.joined_norms(layout, p)  # noqa: E731
     return per_tensor("clip_by_norm", measure, max_norm, "max_norm", layer_axes=layer_axes)
 
   def measure_units(layout, _):
@@ -483,13 +483,7 @@ def clip_by_block_rms(
   _validate.check_threshold(threshold, "threshold")
 
   def measure(layout, _):
-    norms = _norms.group_norms(layout, 2.0)
-    sizes = [
-      max(math.prod(x.shape[k:]), 1)
-      for x, k in zip(layout.leaves, layout.lead)
-      for _ in range(math.prod(x.shape[:k]))
-    ]
-    sizes = layout.groupwise(np.asarray(sizes, layout.acc))
-    return [n / jnp.sqrt(size) for n, size in zip(norms, sizes)]
+    sizes = layout.entry_sizes().astype(layout.acc)
+    return _norms.joined_norms(layout, 2.0) / np.sqrt(sizes)
 
   return per_tensor("clip_by_block_rms", measure, threshold, "threshold", layer_axes=layer_axes)

@@ -32,9 +32,10 @@ from jaxclip import _base, _layers, _norms
 Decide = Callable[[jax.Array, Any, jax.Array, dict[str, Any]], tuple[jax.Array, dict[str, Any]]]
 # init_state(dtype, num_tensors) -> the transform's state at step 0.
 InitState = Callable[[jnp.dtype, int], Any]
-# measure(layout, param_layout) -> per group, the measurement of each member
-# (per tensor: dims reduced to 1; per unit: the unit dims reduced to 1).
-Measure = Callable[[_norms.Layout, _norms.Layout | None], list[jax.Array]]
+# measure(layout, param_layout) -> the measurement of each tensor, one vector
+# in the layout's group order (`Layout.join`); unit-wise, per group, the
+# measurement of each unit of each member (the unit dims reduced to 1).
+Measure = Callable[[_norms.Layout, _norms.Layout | None], jax.Array | list[jax.Array]]
 
 
 def _count_of(state: Any, state_type: type, name: str, schedules: Mapping[str, Any] | None):
@@ -129,7 +130,8 @@ def per_tensor_clipper(
       `jax.tree.leaves` order; `threshold` may be a scalar) and those
       `decide` returns.
     init_state: Builds the state at step 0 for a number of tensors.
-    measure: The measurement of each tensor or unit, per group of the layout.
+    measure: The measurement of each tensor (a vector in the layout's group
+      order), or unit-wise of each unit, per group of the layout.
     decide: The threshold policy, given each tensor's measurement (its
       largest unit's, when unit-wise): a scalar or one entry per tensor.
     needs_params: Whether `update` needs the parameters (they are grouped
@@ -162,13 +164,19 @@ def per_tensor_clipper(
     param_layout = None
     if needs_params:
       param_layout = _norms.Layout(_base.matching_params(layout, params, name), lead, like=layout)
-    measured = [m.astype(dtype) for m in measure(layout, param_layout)]
-    per_tensor = layout.vector(layout.reduce_entries(_norms.keeping_nan(jnp.max), measured))
+    measured = measure(layout, param_layout)
+    if unitwise:
+      measured = [m.astype(dtype) for m in measured]
+      per_tensor = layout.vector(layout.reduce_entries(_norms.keeping_nan(jnp.max), measured))
+    else:
+      per_tensor = layout.in_leaf_order(measured.astype(dtype))
     threshold, fields = decide(per_tensor, state, count, extra_args)
     threshold = jnp.asarray(threshold).astype(dtype)
-    group_threshold = layout.groupwise(threshold) if threshold.ndim else [threshold] * len(measured)
-    pairs = [_base.clip_scale(m, t) for m, t in zip(measured, group_threshold)]
-    scales = layout.per_leaf([s for s, _ in pairs])
+    if unitwise:
+      scales, scale, clipped = _unit_scales(layout, measured, threshold)
+    else:
+      scale, clipped = _base.clip_scale(per_tensor, threshold)
+      scales = layout.broadcast(scale)
     it = iter(_base.scale_leaf(x, s) for x, s in zip(layout.leaves, scales))
     updates = _base.map_inexact(lambda x: next(it), updates)
     if not own:
@@ -177,15 +185,27 @@ def per_tensor_clipper(
       count=count + 1,
       norm=per_tensor,
       threshold=threshold,
-      scale=layout.vector(
-        layout.reduce_entries(_norms.keeping_nan(jnp.min), [s for s, _ in pairs])
-      ),
-      clipped=layout.vector(layout.reduce_entries(jnp.any, [c for _, c in pairs])),
+      scale=scale,
+      clipped=clipped,
       **fields,
     )
     return updates, _base.keep_dtypes(state, state_type, new)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _unit_scales(
+  layout: _norms.Layout, measured: list[jax.Array], threshold: jax.Array
+) -> tuple[list[jax.Array], jax.Array, jax.Array]:
+  """Per leaf the scales of its units (`measured` per group, against a scalar
+  `threshold` or one per tensor), and per tensor the smallest scale and
+  whether any unit was clipped."""
+  group_threshold = layout.groupwise(threshold) if threshold.ndim else [threshold] * len(measured)
+  pairs = [_base.clip_scale(m, t) for m, t in zip(measured, group_threshold)]
+  scales = [s for s, _ in pairs]
+  smallest = layout.vector(layout.reduce_entries(_norms.keeping_nan(jnp.min), scales))
+  clipped = layout.vector(layout.reduce_entries(jnp.any, [c for _, c in pairs]))
+  return layout.per_leaf(scales), smallest, clipped
 
 
 def global_summary(state: Any) -> dict[str, jax.Array]:

@@ -308,6 +308,58 @@ class Layout:
     data = [g.data for g in self.groups]
     if scalings is not None:
       scalings, data = own_copies(list(scalings), data)
+    return self._sums(data, p, scalings, axes_of)
+
+  def joined_sums(self, p: float, scaling: _Scaling | None = None) -> jax.Array:
+    """`sums` over whole members, as one vector with one entry per member and
+    lead index, in group order (`join`).
+
+    Args:
+      p: The power (inf for the largest magnitude).
+      scaling: Applied to the magnitudes first (`_rescaled`): vectors with
+        one value per entry, in group order. Each group reads its part at an
+        offset the compiler cannot see, so that the reductions of groups of
+        one shape stay one compiled kernel.
+    """
+    data = [g.data for g in self.groups]
+    if scaling is None:
+      return self.join(self._sums(data, p, None, None))
+    sizes = [self._num_entries(g) for g in self.groups]
+    offsets = [np.uint32(o) for o in np.cumsum([0, *sizes[:-1]])]
+    (scaling, offsets), data = own_copies((scaling, offsets), data)
+    parts = [
+      scaling.map(functools.partial(self._part, g, o, n))
+      for g, o, n in zip(self.groups, offsets, sizes)
+    ]
+    return self.join(self._sums(data, p, parts, None))
+
+  def entry_sizes(self) -> np.ndarray:
+    """The number of elements of each entry (a member, or one lead index of
+    it), at least 1, in group order (`join`)."""
+    sizes = [
+      np.full(math.prod(x.shape[: g.lead]), max(math.prod(x.shape[g.lead :]), 1))
+      for g in self.groups
+      for x in (self.leaves[i] for i in g.members)
+    ]
+    return np.concatenate(sizes) if sizes else np.zeros((0,), np.int64)
+
+  def _num_entries(self, g: _Group) -> int:
+    return len(g.members) * math.prod(self.leaves[g.members[0]].shape[: g.lead])
+
+  def _part(self, g: _Group, offset: jax.Array, size: int, vector: jax.Array) -> jax.Array:
+    """The entries of `g` in a group-order `vector`, shaped like its sums."""
+    ndim = g.data.ndim + (0 if g.stacked else 1)
+    lead = self.leaves[g.members[0]].shape[: g.lead]
+    part = lax.dynamic_slice_in_dim(vector, offset, size)
+    return part.reshape((len(g.members), *lead) + (1,) * (ndim - 1 - g.lead))
+
+  def _sums(
+    self,
+    data: list[jax.Array],
+    p: float,
+    scalings: Sequence[_Scaling] | None,
+    axes_of: AxesOf | None,
+  ) -> list[jax.Array]:
     out = []
     for i, g in enumerate(self.groups):
       m = _magnitude(data[i], self.acc)
@@ -332,14 +384,21 @@ class Layout:
       out.append(v.reshape(v.shape[: 1 + g.lead]) if whole else reduce(v, axis=axes))
     return out
 
-  def vector(self, values: list[jax.Array]) -> jax.Array:
+  def join(self, values: list[jax.Array]) -> jax.Array:
     """Per-group values of one entry per member and lead index (as from
-    `reduce_entries`), as one vector in leaf order, each leaf's lead indices
-    in row-major order."""
+    `reduce_entries`), as one vector in group order."""
     if not values:
       return jnp.zeros((0,), self.acc)
-    flat = jnp.concatenate([_replicated(v).reshape(-1) for v in values])
-    return flat if self._in_order else flat[self._inverse]
+    return jnp.concatenate([_replicated(v).reshape(-1) for v in values])
+
+  def in_leaf_order(self, joined: jax.Array) -> jax.Array:
+    """A vector in group order (`join`) in leaf order, each leaf's lead
+    indices in row-major order."""
+    return joined if self._in_order else joined[self._inverse]
+
+  def vector(self, values: list[jax.Array]) -> jax.Array:
+    """`join`, in leaf order."""
+    return self.in_leaf_order(self.join(values))
 
   def groupwise(self, vector: jax.Array | np.ndarray) -> list[jax.Array]:
     """A vector with one entry per leaf and lead index as per-group values
@@ -358,6 +417,24 @@ class Layout:
       out.append(v.reshape(lead + (1,) * (len(shape) - len(lead))))
     return out
 
+  def broadcast(self, vector: jax.Array) -> list[jax.Array]:
+    """A vector in leaf order (one entry per leaf and lead index) as one array
+    per leaf, broadcastable to the leaf.
+
+    Each leaf reads its entries at an offset the compiler cannot see (it
+    passes through an optimization barrier): the code that scales each leaf
+    is then the same for every leaf of a shape and is compiled once, where a
+    constant offset would make one distinct kernel per leaf. Offsets are
+    unsigned, so no wrapping of negative ones is traced.
+    """
+    sizes = [math.prod(x.shape[:k]) for x, k in zip(self.leaves, self.lead)]
+    starts = [np.uint32(o) for o in np.cumsum([0, *sizes[:-1]])]
+    vector, starts = lax.optimization_barrier((vector, starts))
+    return [
+      lax.dynamic_slice_in_dim(vector, o, n).reshape(x.shape[:k] + (1,) * (x.ndim - k))
+      for x, k, o, n in zip(self.leaves, self.lead, starts, sizes)
+    ]
+
   def per_leaf(self, values: list[jax.Array]) -> list[jax.Array]:
     """Per-group values as one array per leaf, broadcastable to the leaf.
 
@@ -368,7 +445,7 @@ class Layout:
     """
     out: list[Any] = [None] * len(self.leaves)
     width = max((len(g.members) for g in self.groups if g.stacked), default=0)
-    values, index = lax.optimization_barrier((values, [np.int32(j) for j in range(width)]))
+    values, index = lax.optimization_barrier((values, [np.uint32(j) for j in range(width)]))
     for g, v in zip(self.groups, values):
       for j, i in enumerate(g.members):
         out[i] = lax.dynamic_index_in_dim(v, index[j], keepdims=False) if g.stacked else v[0]
@@ -688,9 +765,24 @@ def paired_group_norms(
   return [flat[a:b] for a, b in zip(starts[:-1], starts[1:])]
 
 
+def joined_norms(layout: Layout, p: float, *, axis_name: str | None = None) -> jax.Array:
+  """The p-norm of each member of `layout` (per lead index), as one vector in
+  group order (`Layout.join`): one rescaling decision and one set of scalar
+  operations for all, however many groups there are."""
+
+  if not layout.groups:
+    return jnp.zeros((0,), layout.acc)
+
+  def power_sums(q, scalings):
+    scaling = None if scalings is None else scalings[0]
+    return [_all_reduce(layout.joined_sums(q, scaling), q, axis_name)]
+
+  return _norm(power_sums, p)[0]
+
+
 def leaf_norms(layout: Layout, p: float, *, axis_name: str | None = None) -> jax.Array:
   """Vector of the p-norm of each leaf of `layout` separately."""
-  return layout.vector(group_norms(layout, p, axis_name=axis_name))
+  return layout.in_leaf_order(joined_norms(layout, p, axis_name=axis_name))
 
 
 def global_norm(
