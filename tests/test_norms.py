@@ -333,7 +333,9 @@ def _count_eqns(jaxpr) -> int:
   total = 0
   for eqn in jaxpr.eqns:
     inner = [v for v in eqn.params.values() if hasattr(v, "eqns") or hasattr(v, "jaxpr")]
-    inner += [b for v in eqn.params.values() if isinstance(v, tuple) for b in v if hasattr(b, "jaxpr")]
+    inner += [
+      b for v in eqn.params.values() if isinstance(v, tuple) for b in v if hasattr(b, "jaxpr")
+    ]
     total += 1 + sum(_count_eqns(getattr(j, "jaxpr", j)) for j in inner)
   return total
 
