@@ -1,7 +1,8 @@
 """Compile time and program size of every transform that optax also has.
 
-For each tree (200 leaves of shape (8, 8), 64 leaves of shape (128, 128) and
-the 87-leaf transformer of `bench_runtime.py`) and each transform, lowers and
+For each tree (200 leaves of shape (8, 8), 64 leaves of shape (128, 128),
+the 87-leaf transformer of `bench_runtime.py` and, with ``--trees many``, 300
+leaves of 40 shapes) and each transform, lowers and
 compiles ``jax.jit(tx.update)`` (with the parameters passed, as
 `adaptive_grad_clip` needs them) for jaxclip and for optax, and prints the
 seconds, the size of the lowered StableHLO text in MB, the jaxclip/optax
@@ -12,7 +13,7 @@ closest per-tensor transform optax has. Each compilation starts from a fresh
 `jax.jit`, so nothing is reused from the jit cache; the order is jaxclip then
 optax for each row.
 
-Usage: python benchmarks/bench_per_tensor.py [--repeats 3]
+Usage: python benchmarks/bench_per_tensor.py [--repeats 3] [--trees small medium transformer many]
 """
 
 from __future__ import annotations
@@ -85,21 +86,39 @@ def main() -> None:
   parser.add_argument(
     "--repeats", type=int, default=5, help="compilations of each; the median is printed"
   )
+  parser.add_argument(
+    "--trees",
+    nargs="+",
+    default=["small", "medium", "transformer"],
+    choices=["small", "medium", "transformer", "many"],
+    help="small: 200 x (8, 8); medium: 64 x (128, 128); transformer: bench_runtime.py's"
+    " tree; many: 300 leaves of 40 shapes (128, 129..168), each reduced in place",
+  )
   args = parser.parse_args()
   print(
     f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
     f"jax {jax.__version__}, optax {optax.__version__}"
   )
   trees = {
-    "200 leaves of (8, 8)": lambda: {f"p{i:04d}": jnp.ones((8, 8)) for i in range(200)},
-    "64 leaves of (128, 128)": lambda: {f"p{i:04d}": jnp.ones((128, 128)) for i in range(64)},
-    "bench_runtime.py's transformer (87 leaves, 40.7M parameters)": _common.transformer_tree,
+    "small": ("200 leaves of (8, 8)", lambda: {f"p{i:04d}": jnp.ones((8, 8)) for i in range(200)}),
+    "medium": (
+      "64 leaves of (128, 128)",
+      lambda: {f"p{i:04d}": jnp.ones((128, 128)) for i in range(64)},
+    ),
+    "transformer": (
+      "bench_runtime.py's transformer (87 leaves, 40.7M parameters)",
+      _common.transformer_tree,
+    ),
+    "many": (
+      "300 leaves of 40 shapes, (128, 129) to (128, 168)",
+      lambda: {f"p{i:04d}": jnp.ones((128, 129 + i % 40)) for i in range(300)},
+    ),
   }
   header = (
     f"{'transform':<26}{'optax counterpart':<20}{'jaxclip':>9}{'optax':>9}{'ratio':>7}"
     f"{'jaxclip MB':>12}{'optax MB':>10}{'ratio':>7}{'temp MB':>9}{'optax':>8}"
   )
-  for label, build in trees.items():
+  for label, build in (trees[name] for name in args.trees):
     tree = build()
     print(f"\n{label} (seconds: lower + compile, median of {args.repeats})")
     print(header)
