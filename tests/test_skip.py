@@ -90,7 +90,13 @@ def test_matches_the_plain_formulation(name, jit):
   skips = [False, True, True, False]
   got = _steps(_skip.skippable_update, INNER[name](), skips, jit)
   want = _steps(_reference, INNER[name](), skips, jit)
-  chex.assert_trees_all_equal(got, want)
+  if jit:
+    # Two different programs: XLA may fuse and vectorise the inner step's
+    # arithmetic differently in each (it does for Adam's update with jaxlib
+    # 0.12.1), so the results may differ in the last bits.
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=0)
+  else:
+    chex.assert_trees_all_equal(got, want)
   # A skipped step returns the state it was given and zero updates.
   chex.assert_trees_all_equal(got[1][1], got[0][1])
   chex.assert_trees_all_equal(got[2][1], got[0][1])
