@@ -51,6 +51,8 @@ def plot_norms(
   clip mostly acts on. Drawn with matplotlib's Agg backend, without pyplot,
   so it works headless and leaves pyplot's state alone.
 
+  Needs the `plot` extra: ``pip install 'jaxclip[plot]'``.
+
   Args:
     recorded: What `suggest_max_norm` accepts: a `RecordNormsState`, a state
       holding one, or an array of norms ``(steps,)`` or ``(steps, tensors)``.

@@ -2,6 +2,7 @@
 in pyproject.toml cover what the examples import."""
 
 import ast
+import importlib.util
 import inspect
 import json
 import os
@@ -141,3 +142,77 @@ def test_import_without_flax():
   for error in out["errors"]:
     assert "jaxclip.TrainState needs Flax" in error
     assert "pip install 'jaxclip[flax]'" in error
+
+
+def _root_conftest():
+  spec = importlib.util.spec_from_file_location("jaxclip_root_conftest", ROOT / "conftest.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_doctests_that_need_an_extra_name_a_known_one():
+  conftest = _root_conftest()
+  needs = {
+    extra
+    for path in (ROOT / "jaxclip").glob("*.py")
+    for extra in conftest.NEEDS_EXTRA.findall(path.read_text())
+  }
+  assert needs >= {"dp", "plot"}  # dp_epsilon, plot_norms
+  assert needs <= set(conftest.EXTRA_MODULES)
+  # Each extra installs the module that stands for it.
+  distribution = {"dp_accounting": "dp-accounting"}
+  for extra, module in conftest.EXTRA_MODULES.items():
+    assert distribution.get(module, module) in _extra(extra)
+
+
+def test_a_doctest_is_skipped_only_when_its_extra_is_missing(monkeypatch):
+  conftest = _root_conftest()
+  doc = "Does something.\n\n  Needs the `dp` extra: ``pip install 'jaxclip[dp]'``.\n"
+  monkeypatch.setitem(conftest.EXTRA_MODULES, "dp", "a_module_that_is_not_installed")
+  assert conftest.missing_extra(doc) == "dp"
+  monkeypatch.setitem(conftest.EXTRA_MODULES, "dp", "json")  # always importable
+  assert conftest.missing_extra(doc) is None
+  assert conftest.missing_extra("No extra needed.") is None
+  assert conftest.missing_extra(None) is None
+  with pytest.raises(ValueError, match="unknown extra 'nope'"):
+    conftest.missing_extra("Needs the `nope` extra.")
+
+
+# Modules of the extras beyond `test`: with `pip install -e ".[test]"` the tests
+# that need them skip, so no test module imports them at its top level.
+OPTIONAL_MODULES = {
+  "flax",
+  "matplotlib",
+  "dp_accounting",
+  "torch",
+  "tensorflow",
+  "keras",
+  "sklearn",
+  "tqdm",
+  "mkdocs",
+}
+
+
+def _is_importorskip(node: ast.stmt) -> bool:
+  """Whether a top-level statement calls `pytest.importorskip` (which skips the
+  whole module, so that the imports after it need not be guarded)."""
+  value = getattr(node, "value", None)
+  func = getattr(value, "func", None)
+  return isinstance(value, ast.Call) and getattr(func, "attr", None) == "importorskip"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tests").glob("*.py")), ids=lambda p: p.name)
+def test_test_modules_import_optional_packages_only_when_present(path):
+  imported = set()
+  for node in ast.parse(path.read_text()).body:  # top level only
+    if _is_importorskip(node):
+      break
+    if isinstance(node, ast.Import):
+      imported |= {alias.name.split(".")[0] for alias in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+      imported.add(node.module.split(".")[0])
+  assert not imported & OPTIONAL_MODULES, (
+    f"{path.name} imports {sorted(imported & OPTIONAL_MODULES)} at its top level: use"
+    " pytest.importorskip so that the lean install (`.[test]`) skips it."
+  )

@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax.training import train_state
 
 import jaxclip
 from jaxclip._recorder import RecordNormsState, ThresholdSuggestion, record_norms, suggest_max_norm
@@ -92,14 +91,25 @@ def test_suggestion_matches_numpy():
 def test_suggestion_from_optimizer_states_and_one_dimensional_norms():
   rec, _, _ = _record(30, 30)
   tx = optax.chain(record_norms(30), optax.sgd(0.1))
-  ts = train_state.TrainState.create(apply_fn=None, params=PARAMS, tx=tx)
-  ts = ts.replace(opt_state=(rec, ts.opt_state[1]))
+  opt_state = (rec, tx.init(PARAMS)[1])
   g = np.asarray(rec.global_norm)
-  for obj in (rec, ts, ts.opt_state, g):
+  for obj in (rec, opt_state, g):
     s = suggest_max_norm(obj, percentile=50)
     np.testing.assert_allclose(s.raw, np.median(g), rtol=1e-6)
   assert suggest_max_norm(g).dominant == ()
   assert suggest_max_norm(rec, params=PARAMS).dominant[0][0] in ("a", "b")
+
+
+def test_suggestion_from_a_flax_train_state():
+  train_state = pytest.importorskip(
+    "flax.training.train_state", reason="flax not installed: pip install 'jaxclip[flax]'"
+  )
+  rec, _, _ = _record(30, 30)
+  tx = optax.chain(record_norms(30), optax.sgd(0.1))
+  ts = train_state.TrainState.create(apply_fn=None, params=PARAMS, tx=tx)
+  ts = ts.replace(opt_state=(rec, ts.opt_state[1]))
+  s = suggest_max_norm(ts, percentile=50)
+  np.testing.assert_allclose(s.raw, np.median(np.asarray(rec.global_norm)), rtol=1e-6)
 
 
 def test_only_recorded_steps_and_finite_norms_count():

@@ -5,8 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
-from flax.training import train_state
 
 import jaxclip
 from jaxclip._recorder import record_norms
@@ -146,7 +144,12 @@ def test_empty_state_and_prefix():
   assert "train/grad/global_norm" in out
 
 
+def _flax(module):
+  return pytest.importorskip(module, reason="flax not installed: pip install 'jaxclip[flax]'")
+
+
 def test_flax_train_state():
+  train_state = _flax("flax.training.train_state")
   tx = optax.chain(jaxclip.clip_by_global_norm(1.0), optax.sgd(0.1))
   ts = train_state.TrainState.create(apply_fn=None, params=PARAMS, tx=tx)
   ts = jax.jit(lambda s: s.apply_gradients(grads=GRADS))(ts)
@@ -155,6 +158,7 @@ def test_flax_train_state():
 
 
 def test_nnx_optimizer():
+  nnx = _flax("flax.nnx")
   model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
   tx = optax.chain(jaxclip.clip_by_global_norm(1.0), optax.sgd(0.1))
   opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
