@@ -179,19 +179,20 @@ def test_a_doctest_is_skipped_only_when_its_extra_is_missing(monkeypatch):
     conftest.missing_extra("Needs the `nope` extra.")
 
 
-# Modules of the extras beyond `test`: with `pip install -e ".[test]"` the tests
-# that need them skip, so no test module imports them at its top level.
-OPTIONAL_MODULES = {
-  "flax",
-  "matplotlib",
-  "dp_accounting",
-  "torch",
-  "tensorflow",
-  "keras",
-  "sklearn",
-  "tqdm",
-  "mkdocs",
-}
+# Top-level modules of distributions whose name differs from the module's.
+MODULES = {"orbax-checkpoint": "orbax"}
+
+
+def _lean_modules() -> set[str]:
+  """What a test module may import at its top level: the standard library,
+  jaxclip's dependencies, the `test` extra and the tests' own modules.
+  Anything else comes from another extra, and the lean install
+  (`pip install -e ".[test]"`) has to skip the tests that need it."""
+  distributions = {_requirement_name(r) for r in PYPROJECT["project"]["dependencies"]}
+  distributions |= _extra("test")
+  modules = {MODULES.get(d, d.replace("-", "_")) for d in distributions}
+  local = {p.stem for p in (ROOT / "tests").glob("*.py")}
+  return set(sys.stdlib_module_names) | modules | local | {"jaxclip", "tests"}
 
 
 def _is_importorskip(node: ast.stmt) -> bool:
@@ -212,7 +213,8 @@ def test_test_modules_import_optional_packages_only_when_present(path):
       imported |= {alias.name.split(".")[0] for alias in node.names}
     elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
       imported.add(node.module.split(".")[0])
-  assert not imported & OPTIONAL_MODULES, (
-    f"{path.name} imports {sorted(imported & OPTIONAL_MODULES)} at its top level: use"
+  optional = imported - _lean_modules()
+  assert not optional, (
+    f"{path.name} imports {sorted(optional)} at its top level: use"
     " pytest.importorskip so that the lean install (`.[test]`) skips it."
   )
