@@ -169,7 +169,7 @@ def weighted_sums(weights: jax.Array, leaves: list[jax.Array]) -> list[jax.Array
   def total(masked: bool) -> list[jax.Array]:
     return [_weighted_sum(weights, g, dropped if masked else None) for g in leaves]
 
-  return jax.lax.cond(jnp.any(dropped), lambda: total(True), lambda: total(False))
+  return _norms.cond(jnp.any(dropped), lambda: total(True), lambda: total(False))
 
 
 def _weighted_sum(weights: jax.Array, g: jax.Array, dropped: jax.Array | None) -> jax.Array:

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
 from jaxclip import _base, _core, _norms, _validate
 from jaxclip._layers import LayerAxes
@@ -208,7 +207,7 @@ def _count_outside(
   # (an entry above the rounded bound is above the bound itself).
   near = jnp.minimum(jnp.abs(lo), jnp.abs(hi)).astype(max_abs.dtype)
   maybe = (max_abs > near) | jnp.isnan(max_abs) | (lo > 0) | (hi < 0)
-  return lax.cond(maybe, count, lambda: jnp.zeros((), jnp.float32))
+  return _norms.cond(maybe, count, lambda: jnp.zeros((), jnp.float32))
 
 
 # 0, the two factors whose product (2**149) lifts the smallest distance to at

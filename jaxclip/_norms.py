@@ -135,6 +135,12 @@ def _max_magnitude(v: jax.Array, axis: Axes | None, keepdims: bool = False) -> j
   """The max of ``|v|``, NaN wherever `v` holds a NaN, also across devices
   (see `keeping_nan`).
 
+  For real `v` it is the larger of ``max(v)`` and ``-min(v)``: XLA:CPU
+  reduces a plain max or min about four times faster than a max of ``|v|``,
+  so the two take about half the time of the one (4096 x 4096 float32: 16 ms
+  against 29 ms). The final `abs` turns a ``-0.0`` (from ``-min`` of zeros)
+  into ``0.0``.
+
   The NaN is carried by ``sum(v - v)``: 0 for finite entries, NaN for a NaN
   (and for an inf, where the max is inf already and is kept). It is a plain
   sum, which XLA:CPU reduces about ten times faster than a sum of the NaNs
@@ -142,9 +148,13 @@ def _max_magnitude(v: jax.Array, axis: Axes | None, keepdims: bool = False) -> j
   sum's constant factor was materialised as a full-size array, shared by the
   leaves of one shape.
   """
-  out = jnp.max(jnp.abs(v), axis=axis, keepdims=keepdims, initial=0)
+  if not jnp.issubdtype(v.dtype, jnp.floating):
+    v = jnp.abs(v)  # complex: the modulus; integer: as before
+  hi = jnp.max(v, axis=axis, keepdims=keepdims, initial=0)
   if not jnp.issubdtype(v.dtype, jnp.inexact):
-    return out
+    return hi
+  lo = jnp.min(v, axis=axis, keepdims=keepdims, initial=0)
+  out = jnp.abs(jnp.maximum(hi, -lo))
   flag = jnp.sum(v - v, axis=axis, keepdims=keepdims)
   return jnp.where(jnp.isinf(out), out, out + flag)
 
@@ -695,7 +705,19 @@ def _norm(power_sums: PowerSums, p: float) -> list[jax.Array]:
     return [root(s, p) for s in sums]
   plain = lambda: [root(s, p) for s in sums]  # noqa: E731
   rescaled = lambda: _rescaled(power_sums, sums, p, ladder)  # noqa: E731
-  return lax.cond(_needs_rescaling(sums), rescaled, plain)
+  return cond(_needs_rescaling(sums), rescaled, plain)
+
+
+def cond(pred: jax.Array, true_fn: Callable, false_fn: Callable, *operands: Any) -> Any:
+  """`lax.cond`, decided in Python when `pred` is a concrete value.
+
+  Outside `jax.jit`, `lax.cond` traces and compiles its branches at every
+  call (they are new closures each time: about 50 ms for a two-leaf tree),
+  so an eager `update` would be a hundred times slower than optax's.
+  """
+  if isinstance(pred, jax.core.Tracer):
+    return lax.cond(pred, true_fn, false_fn, *operands)
+  return (true_fn if bool(pred) else false_fn)(*operands)
 
 
 def tree_norm(

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
 from jaxclip import _base, _layers, _norms, _stats, _validate
 
@@ -137,7 +136,7 @@ def record_norms(
         norms=s.norms.at[s.count].set(row.astype(dtype)),
       )
 
-    state = lax.cond(state.count < num_steps, record, lambda s: s, state)
+    state = _norms.cond(state.count < num_steps, record, lambda s: s, state)
     return updates, state._replace(count=state.count + 1)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -300,3 +300,34 @@ def test_python_number_leaves_are_a_type_error_naming_the_leaf(name):
   g = {"w": [3.0, 4.0]}
   with pytest.raises(TypeError, match=r"\['w'\]\[0\]"):
     tx.update(g, tx.init({"w": [jnp.ones(()), jnp.ones(())]}), g if needs_params else None)
+
+
+@pytest.fixture
+def compilations():
+  """Names of the XLA compilations made while the test runs."""
+  seen = []
+
+  def listener(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      seen.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  yield seen
+  unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None)
+  if unregister is not None:  # not in every supported jax
+    unregister(listener)
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_eager_update_compiles_once(name, compilations):
+  # Outside jit, a second step runs what the first compiled: a branch taken
+  # by `lax.cond` on new closures would be compiled again at every step.
+  make, _, needs_params, *_ = TRANSFORMS[name]
+  tx = make()
+  g = _trees(jnp.float32)["dict"]
+  params = _params_for(g) if needs_params else None
+  _, state = tx.update(g, tx.init(_params_for(g)), params)
+  jax.block_until_ready(state)
+  del compilations[:]
+  jax.block_until_ready(tx.update(g, state, params))
+  assert compilations == []

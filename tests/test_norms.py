@@ -110,6 +110,19 @@ def test_max_norm_keeps_nan_and_never_overflows():
   assert jaxclip.global_norm([big, -big], inf) == jnp.finfo(jnp.float32).max
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_max_norm_of_signed_zero_and_complex_leaves(jit):
+  # The largest magnitude is max(max(x), -min(x)): never -0.0, and the
+  # modulus for complex leaves.
+  norm = jax.jit(jaxclip.global_norm, static_argnums=1) if jit else jaxclip.global_norm
+  zero = norm(jnp.array([0.0, -0.0]), math.inf)
+  assert float(zero) == 0.0 and not np.signbit(zero)
+  assert float(norm([jnp.array([-3.0, 2.0]), jnp.array([1.0])], math.inf)) == 3.0
+  assert float(norm(jnp.array([3 + 4j, -1j]), math.inf)) == 5.0
+  per_unit = _norms.norm_along(jnp.array([[-3.0, 1.0], [2.0, -4.0]]), math.inf, 0)
+  np.testing.assert_array_equal(per_unit, [[3.0, 4.0]])
+
+
 def test_float64_accumulates_in_float64():
   with jax.enable_x64(True):
     x = jnp.array([1e200, 1e200], jnp.float64)
