@@ -454,8 +454,9 @@ def clip_by_block_rms(
 ) -> optax.GradientTransformationExtraArgs:
   """Scales each tensor so that its root mean square is at most `threshold`.
 
-  ``rms(g) = norm(g) / sqrt(g.size)``; a tensor whose RMS exceeds the
-  threshold is multiplied by ``threshold / rms``. Unlike
+  ``rms(g) = sqrt(mean(g**2))``; a tensor whose RMS exceeds the threshold
+  is divided by ``rms / threshold``, rounded as in `optax.clip_by_block_rms`
+  (its RMS is then the threshold to float32 precision). Unlike
   `optax.clip_by_block_rms`, a zero tensor with a zero threshold stays zero
   (optax gives NaN).
 
@@ -482,7 +483,8 @@ def clip_by_block_rms(
   _validate.check_threshold(threshold, "threshold")
 
   def measure(layout, _):
-    sizes = layout.entry_sizes().astype(layout.acc)
-    return _norms.joined_norms(layout, 2.0) / np.sqrt(sizes)
+    return _norms.joined_norms(layout, 2.0, mean=True)
 
-  return per_tensor("clip_by_block_rms", measure, threshold, "threshold", layer_axes=layer_axes)
+  return per_tensor(
+    "clip_by_block_rms", measure, threshold, "threshold", layer_axes=layer_axes, divide=True
+  )

@@ -787,17 +787,26 @@ def paired_group_norms(
   return [flat[a:b] for a, b in zip(starts[:-1], starts[1:])]
 
 
-def joined_norms(layout: Layout, p: float, *, axis_name: str | None = None) -> jax.Array:
+def joined_norms(
+  layout: Layout, p: float, *, axis_name: str | None = None, mean: bool = False
+) -> jax.Array:
   """The p-norm of each member of `layout` (per lead index), as one vector in
   group order (`Layout.join`): one rescaling decision and one set of scalar
-  operations for all, however many groups there are."""
+  operations for all, however many groups there are.
+
+  With `mean`, the power mean ``(sum |x|**p / size) ** (1/p)`` instead (the
+  RMS for p = 2), rounded as its formula is: the mean is taken before the
+  root, not the norm divided by ``size ** (1/p)`` after it.
+  """
 
   if not layout.groups:
     return jnp.zeros((0,), layout.acc)
+  sizes = layout.entry_sizes().astype(layout.acc) if mean else None
 
   def power_sums(q, scalings):
     scaling = None if scalings is None else scalings[0]
-    return [_all_reduce(layout.joined_sums(q, scaling), q, axis_name)]
+    sums = _all_reduce(layout.joined_sums(q, scaling), q, axis_name)
+    return [sums if sizes is None else sums / sizes]
 
   return _norm(power_sums, p)[0]
 

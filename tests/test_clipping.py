@@ -224,6 +224,29 @@ class TestClipByBlockRMS:
     out, _ = _update(jaxclip.clip_by_block_rms(0.0), jnp.zeros(3))
     np.testing.assert_array_equal(out, np.zeros(3))
 
+  @pytest.mark.parametrize("threshold", [1.0, 0.5])
+  @pytest.mark.parametrize("jit", [False, True])
+  def test_rounds_as_optax(self, threshold, jit):
+    # optax's own test case: the RMS of the result is the threshold to 7
+    # places, which needs the mean taken before the root and the tensor
+    # divided by rms / threshold (1 ulp off otherwise).
+    u = (jnp.array([500.0, 5.0]),)
+    tx = jaxclip.clip_by_block_rms(threshold)
+    update = jax.jit(tx.update) if jit else tx.update
+    ours, state = update(u, tx.init(u))
+    theirs, _ = optax.clip_by_block_rms(threshold).update(u, optax.EmptyState())
+    np.testing.assert_array_equal(ours[0], theirs[0])
+    assert float(jnp.sqrt(jnp.mean(ours[0] ** 2))) == threshold
+    assert float(state.norm[0]) == float(jnp.sqrt(jnp.mean(u[0] ** 2)))
+
+  @pytest.mark.parametrize("value", [1e25, 1e-21])
+  def test_rms_of_extreme_values(self, value):
+    # The mean is taken of the rescaled sums: no overflow, no underflow.
+    x = jnp.full((1000,), value)
+    tx = jaxclip.clip_by_block_rms(1.0)
+    _, state = tx.update(x, tx.init(x))
+    np.testing.assert_allclose(state.norm, [value], rtol=1e-6)
+
 
 def test_clip_by_value_counts_in_the_leaf_dtype():
   x = jnp.array([0.1, 0.05], jnp.bfloat16)  # 0.1 in bf16 is the bf16 bound itself
