@@ -24,8 +24,9 @@ Design:
   joined, since XLA:CPU compiles one long concatenation of them slowly.
 * Only floating and complex leaves contribute. Integer and boolean array
   leaves (and `None` or `optax.MaskedNode` subtrees) are not gradients and are
-  skipped. Python numbers are a TypeError naming the leaf: they are not
-  arrays, and skipping them would silently report a norm of 0.
+  skipped. Python numbers, and any other leaf that is not an array (a
+  generator, a dict view), are a TypeError naming the leaf: skipping them
+  would silently report a norm of 0.
 """
 
 from __future__ import annotations
@@ -73,23 +74,36 @@ def inexact_leaves(tree: Any) -> list[jax.Array]:
   """The floating and complex leaves of `tree`: the ones that get clipped.
 
   Raises:
-    TypeError: If a leaf is a Python number, naming its path.
+    TypeError: If a leaf is not an array (a Python number, a generator),
+      naming its path.
   """
   leaves = jax.tree.leaves(tree)
-  if any(isinstance(x, numbers.Number) for x in leaves):
-    _raise_python_number(tree)
+  if any(not _is_array(x) for x in leaves):
+    _raise_not_array(tree)
   return [x for x in leaves if is_inexact(x)]
 
 
-def _raise_python_number(tree: Any) -> None:
+def _is_array(x: object) -> bool:
+  return getattr(x, "dtype", None) is not None and hasattr(x, "shape")
+
+
+def _raise_not_array(tree: Any) -> None:
   for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if _is_array(x):
+      continue
+    where = jax.tree_util.keystr(path) or "the root"
     if isinstance(x, numbers.Number):
       raise TypeError(
-        f"The leaf at {jax.tree_util.keystr(path) or 'the root'} is the Python"
-        f" {type(x).__name__} {x!r}, not an array: jaxclip clips arrays and"
-        " would otherwise skip it. Convert the tree first, e.g."
-        " `jax.tree.map(jnp.asarray, tree)`."
+        f"The leaf at {where} is the Python {type(x).__name__} {x!r}, not an"
+        " array: jaxclip clips arrays and would otherwise skip it. Convert the"
+        " tree first, e.g. `jax.tree.map(jnp.asarray, tree)`."
       )
+    raise TypeError(
+      f"The leaf at {where} is a {type(x).__name__} object, not an array:"
+      " jaxclip clips arrays and would otherwise skip it. Pass a pytree of"
+      " arrays (a generator, `map` or dict view is not one: make it a list"
+      " first, e.g. `list(grads.values())`)."
+    )
 
 
 def accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:

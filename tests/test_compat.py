@@ -548,3 +548,53 @@ def test_keras_global_clipnorm_divides_in_python():
     scale = np.float32(c) * np.float32(1.0 / c)
     got = _keras_clip([g], global_clipnorm=c)[0]
     np.testing.assert_array_equal(got, np.asarray(g) * scale)
+
+
+@pytest.mark.parametrize("t_list", [lambda d: d.values(), lambda d: map(jnp.asarray, d.values())])
+def test_tf_t_list_must_be_a_sequence(t_list):
+  # TensorFlow raises for a dict view or an iterator; skipped as an opaque
+  # leaf, it would give a norm of 0 and no clipping.
+  d = {"a": jnp.array([3.0, 4.0])}
+  with pytest.raises(TypeError, match="^t_list should be a sequence"):
+    ctf.global_norm(t_list(d))
+  with pytest.raises(TypeError, match="^t_list should be a sequence"):
+    ctf.clip_by_global_norm(t_list(d), 1.0)
+
+
+def test_tf_gradients_at_ties_go_where_tensorflow_sends_them():
+  # TensorFlow's gradients (ClipByValue, Maximum, Minimum) at a tie, from
+  # TensorFlow 2.21 on CPU.
+  x = jnp.array([0.0, 6.0, 3.0])
+  grad = jax.grad(lambda x: jnp.sum(ctf.clip_by_value(x, 0.0, 6.0)))(x)
+  np.testing.assert_array_equal(grad, [1.0, 1.0, 1.0])
+  x = jnp.array([3.0, 4.0])  # norm 5, the threshold itself
+  grad = jax.grad(lambda x: jnp.sum(ctf.clip_by_norm(x, 5.0)))(x)
+  np.testing.assert_allclose(grad, [0.16, -0.12], atol=1e-6)
+  grad = jax.grad(lambda x: jnp.sum(ctf.clip_by_global_norm([x], 5.0)[0][0]))(x)
+  np.testing.assert_allclose(grad, [0.16, -0.12], atol=1e-6)
+
+
+def test_tf_clip_by_value_keeps_tensorflow_values():
+  x = jnp.array([-3.0, 0.5, jnp.nan, 9.0])
+  np.testing.assert_array_equal(ctf.clip_by_value(x, -1.0, 1.0), [-1.0, 0.5, np.nan, 1.0])
+  # Bounds the wrong way round: TensorFlow's max(min(t, hi), lo) gives lo.
+  np.testing.assert_array_equal(ctf.clip_by_value(x, 2.0, 1.0), [2.0, 2.0, np.nan, 2.0])
+
+
+@pytest.mark.parametrize("axes", [np.array([1]), jnp.array([1]), np.int64(1), [1]])
+def test_tf_clip_by_norm_takes_numpy_and_jax_axes(axes):
+  t = jnp.array([[3.0, 4.0], [0.3, 0.4]])
+  np.testing.assert_allclose(ctf.clip_by_norm(t, 1.0, axes), [[0.6, 0.8], [0.3, 0.4]], rtol=1e-6)
+
+
+def test_tf_clip_by_average_norm():
+  # TensorFlow 1's formula, in NumPy float32 (test_compat_tf.py checks it
+  # against tf.compat.v1.clip_by_average_norm).
+  t = np.array([[1.0, 2.0], [3.0, 4.0]], F32)  # norm sqrt(30), 4 entries
+  np.testing.assert_array_equal(ctf.clip_by_average_norm(t, 10.0), t)
+  c = F32(0.5)
+  expected = t * c * np.minimum(F32(1) / np.sqrt(F32(30)) * F32(4), F32(1) / c)
+  np.testing.assert_allclose(ctf.clip_by_average_norm(t, 0.5), expected, rtol=1e-6)
+  np.testing.assert_array_equal(ctf.clip_by_average_norm(np.zeros(3, F32), 1.0), np.zeros(3))
+  with pytest.raises(TypeError, match="float32"):
+    ctf.clip_by_average_norm(np.ones(2, np.float16), 1.0)

@@ -11,6 +11,7 @@ tf = pytest.importorskip(
   "tensorflow", reason="parity tests need TensorFlow: pip install 'jaxclip[parity]'"
 )
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -327,3 +328,26 @@ def test_clip_ops_test_value_cases_match_tensorflow(dtype):
     want = tf.clip_by_value(tfx, tlo, thi)
     got = ctf.clip_by_value(x, lo, hi)
     np.testing.assert_array_equal(np.asarray(got, np.float32), tf.cast(want, tf.float32).numpy())
+
+
+@pytest.mark.parametrize("clip_norm", [0.01, 0.5, 10.0])
+@pytest.mark.parametrize("shape", [(7,), (3, 4), (64, 33)])
+def test_clip_by_average_norm_matches_tensorflow(shape, clip_norm):
+  (t,) = random_tensors(3, [shape], np.float32, scale=3.0)
+  theirs = _np(tf.compat.v1.clip_by_average_norm(_tf(t), clip_norm))
+  # One factor scales every entry: its rsqrt of a sum reduced in another
+  # order (2112 entries) puts whole results up to 4 ulps apart.
+  assert_ulp(ctf.clip_by_average_norm(t, clip_norm), theirs, 4)
+
+
+def test_gradients_at_ties_match_tensorflow():
+  x = np.array([0.0, 6.0, 3.0], np.float32)
+  for ours, theirs in [
+    (lambda v: jnp.sum(ctf.clip_by_value(v, 0.0, 6.0)), lambda v: tf.clip_by_value(v, 0.0, 6.0)),
+    (lambda v: jnp.sum(ctf.clip_by_norm(v, 5.0)), lambda v: tf.clip_by_norm(v, 5.0)),
+  ]:
+    for point in (x, np.array([3.0, 4.0], np.float32)):
+      v = tf.Variable(point)
+      with tf.GradientTape() as tape:
+        y = tf.reduce_sum(theirs(v))
+      np.testing.assert_allclose(jax.grad(ours)(jnp.asarray(point)), tape.gradient(y, v), atol=1e-6)

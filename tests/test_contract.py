@@ -331,3 +331,14 @@ def test_eager_update_compiles_once(name, compilations):
   del compilations[:]
   jax.block_until_ready(tx.update(g, state, params))
   assert compilations == []
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_leaves_that_are_not_arrays_are_a_type_error_naming_the_leaf(name):
+  # A generator (e.g. `grads.values()` passed as a tree) is a leaf of its own:
+  # skipped, it would give a norm of 0 and a silent pass-through.
+  needs_params = TRANSFORMS[name][2]
+  tx = _make(name)
+  g = {"w": (x for x in [jnp.ones(2)])}
+  with pytest.raises(TypeError, match=r"\['w'\] is a generator"):
+    tx.update(g, tx.init({"w": jnp.ones(2)}), g if needs_params else None)

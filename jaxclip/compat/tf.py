@@ -2,10 +2,12 @@
 
 Each function follows the arithmetic of TensorFlow's ``clip_ops.py``
 operation for operation, so that a model ported from TensorFlow gets the same
-numbers: in float32 the results agree with TensorFlow on CPU to within one
-unit in the last place (the only freedom left is the order in which a sum is
-reduced). They are *not* the jaxclip formulas, and inherit TensorFlow's
-behaviour at the edges:
+numbers, and the same gradients (at ties, `max` and `min` send the gradient
+where TensorFlow sends it). On CPU the only freedom left is the order in
+which a sum is reduced: results agree with TensorFlow to 1 unit in the last
+place for most inputs, a few units for long sums (measured tolerances in
+``docs/porting.md``). They are *not* the jaxclip formulas, and inherit
+TensorFlow's behaviour at the edges:
 
 * Norms are computed in the dtype of the tensors, as TensorFlow does: float16
   sums of squares overflow above 65504 (a float16 tensor of norm above 256
@@ -33,7 +35,7 @@ matters more. See ``docs/porting.md`` for a side-by-side comparison.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import ItemsView, Iterator, KeysView, Sequence, ValuesView
 from typing import Any
 
 import jax
@@ -46,6 +48,7 @@ from jaxclip import _validate
 from jaxclip.compat import _tree
 
 __all__ = [
+  "clip_by_average_norm",
   "clip_by_global_norm",
   "clip_by_global_norm_transform",
   "clip_by_norm",
@@ -135,6 +138,11 @@ def _tensors(t_list: Any) -> tuple[Any, bool]:
   """
   if isinstance(t_list, list | tuple):
     return [None if t is None else _convert(t, f"t_list[{i}]") for i, t in enumerate(t_list)], True
+  if isinstance(t_list, Iterator | KeysView | ValuesView | ItemsView):
+    raise TypeError(
+      f"t_list should be a sequence, got a {type(t_list).__name__} object (as"
+      " TensorFlow says). Make it a list first, e.g. `list(grads.values())`."
+    )
   return _convert_numbers(t_list), False
 
 
@@ -230,7 +238,10 @@ def clip_by_value(
     )
   hi = _bound(clip_value_max, "clip_value_max", values)
   lo = _bound(clip_value_min, "clip_value_min", values)
-  return jnp.maximum(jnp.minimum(values, hi), lo)
+  # TensorFlow's gradient of clip_by_value is 1 for entries within the bounds,
+  # the bounds themselves included; min/max would split it there.
+  inside = (values >= lo) & (values <= hi)
+  return jnp.where(inside, values, jnp.maximum(jnp.minimum(values, hi), lo))
 
 
 def clip_by_norm(
@@ -287,12 +298,74 @@ def clip_by_norm(
     c_arr = _convert(clip_norm, "clip_norm")
     _check_shape("clip_norm", c_arr.shape, values.shape)
     c = jnp.maximum(c_arr, 0).astype(values.dtype)
-  axis = _validate.check_axis(axes, "axes")
+  axis = _validate.check_axis(_axes(axes), "axes")
   l2sum = jnp.sum(values * values, axis=axis, keepdims=True)
   pred = l2sum > 0
   l2sum_safe = jnp.where(pred, l2sum, jnp.ones_like(l2sum))
   l2norm = jnp.where(pred, jnp.sqrt(l2sum_safe), l2sum)
-  return _divide(values * c, jnp.maximum(l2norm, c))
+  return _divide(values * c, _maximum(l2norm, c))
+
+
+def clip_by_average_norm(t: jax.typing.ArrayLike, clip_norm: jax.typing.ArrayLike) -> jax.Array:
+  """`tf.compat.v1.clip_by_average_norm`: ``t * clip_norm * min(size(t) /
+  l2norm(t), 1 / clip_norm)``.
+
+  Clips `t` so that its *average* norm, ``l2norm(t) / size(t)``, is at most
+  `clip_norm`. TensorFlow 1's formula, operation for operation: the inverse
+  norm is ``rsqrt(sum(t * t))`` and the element count a float32, so, as in
+  TensorFlow, `t` must be float32. An all-zero `t` stays zero.
+
+  Args:
+    t: A float32 array, or a (nested) list of floats.
+    clip_norm: The largest allowed average norm: a scalar.
+
+  Returns:
+    An array of the shape and dtype of `t`.
+
+  Raises:
+    TypeError: If `t` is not float32 (TensorFlow raises too).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxclip.compat import tf
+    >>> tf.clip_by_average_norm(jnp.array([3.0, 4.0]), 1.0)  # 5 / 2 > 1: * 2 / 5
+    Array([1.2, 1.6], dtype=float32)
+
+  References:
+    TensorFlow, [tf.compat.v1.clip_by_average_norm](https://www.tensorflow.org/api_docs/python/tf/compat/v1/clip_by_average_norm).
+  """
+  values = _convert(t, "t")
+  if values.dtype != jnp.float32:
+    raise TypeError(
+      f"`t` has dtype {values.dtype}; TensorFlow's clip_by_average_norm counts"
+      " the elements in float32 and raises for other dtypes too. Cast it"
+      " first, e.g. `t.astype(jnp.float32)`."
+    )
+  c = jnp.asarray(clip_norm).astype(jnp.float32)
+  n = jnp.float32(values.size)
+  l2norm_inv = lax.rsqrt(jnp.sum(values * values))
+  return values * c * _minimum(l2norm_inv * n, jnp.float32(1.0) / c)
+
+
+def _axes(axes: Any) -> Any:
+  """`axes` as Python ints: TensorFlow also takes NumPy integers and (concrete)
+  integer arrays."""
+  if isinstance(axes, np.integer | np.ndarray | jax.Array) and jnp.issubdtype(
+    jnp.asarray(axes).dtype, jnp.integer
+  ):
+    return np.asarray(axes).tolist()
+  return axes
+
+
+def _maximum(x: jax.Array, y: jax.Array) -> jax.Array:
+  """`tf.maximum`: NaN if either is NaN; at a tie the gradient goes to `x`
+  (jnp.maximum splits it), as TensorFlow's gradient of Maximum does."""
+  return jnp.where(x >= y, x, jnp.maximum(x, y))
+
+
+def _minimum(x: jax.Array, y: jax.Array) -> jax.Array:
+  """`tf.minimum`, with the gradient at a tie going to `x` as in TensorFlow."""
+  return jnp.where(x <= y, x, jnp.minimum(x, y))
 
 
 def _divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
@@ -404,7 +477,7 @@ def _clip_by_global_norm(
     )
   c = jnp.asarray(clip_norm).astype(norm.dtype)
   one = jnp.asarray(1.0, norm.dtype)
-  scale_for_finite = c * jnp.minimum(one / norm, one / c)
+  scale_for_finite = c * _minimum(one / norm, one / c)
   scale = scale_for_finite + (norm - norm)  # NaN when the norm is not finite.
   if is_sequence:
     return [None if x is None else x * scale.astype(x.dtype) for x in tensors], norm
