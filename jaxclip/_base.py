@@ -151,10 +151,12 @@ def example_scale(norms: jax.Array, threshold: jax.Array) -> tuple[jax.Array, ja
   """Per example, the factor bounding its norm by `threshold`, and whether it
   was clipped. An example with a non-finite norm gets 0 (and counts as
   clipped): its gradient is left out, so no example contributes more than
-  the threshold, which is what differential privacy rests on."""
+  the threshold, which is what differential privacy rests on. A traced
+  threshold that is NaN or negative (a concrete one is an error) keeps no
+  example rather than none clipped or every sign flipped."""
   scale, clipped = clip_scale(norms, threshold)
-  finite = jnp.isfinite(norms)
-  return jnp.where(finite, scale, 0).astype(scale.dtype), clipped | ~finite
+  keep = jnp.isfinite(norms) & (threshold >= 0)
+  return jnp.where(keep, scale, 0).astype(scale.dtype), clipped | ~keep
 
 
 def weighted_sums(weights: jax.Array, leaves: list[jax.Array]) -> list[jax.Array]:

@@ -11,12 +11,22 @@ from jaxclip import _base, _norms, _validate
 
 
 def clip_examples(
-  leaves: list[jax.Array], l2_norm_clip: jax.typing.ArrayLike
+  leaves: list[jax.Array], l2_norm_clip: jax.typing.ArrayLike, norms: jax.Array | None = None
 ) -> tuple[list[jax.Array], jax.Array]:
-  """Per leaf the sum of the clipped examples, and the number clipped."""
-  norms = _norms.tree_norm(_base.as_floating(leaves), 2.0, batch_ndim=1)
+  """Per leaf the sum of the clipped examples, and the number clipped.
+
+  `norms` (per example; NaN drops the example) default to the examples'
+  norms over `leaves`.
+  """
+  if norms is None:
+    norms = example_norms(leaves)
   scale, clipped = _base.example_scale(norms, jnp.asarray(l2_norm_clip, norms.dtype))
   return _base.weighted_sums(scale, leaves), jnp.sum(clipped, dtype=jnp.int32)
+
+
+def example_norms(leaves: list[jax.Array]) -> jax.Array:
+  """The L2 norm of each example's gradient over `leaves` (batch on axis 0)."""
+  return _norms.tree_norm(_base.as_floating(leaves), 2.0, batch_ndim=1)
 
 
 def per_example_global_norm_clip(
@@ -71,7 +81,9 @@ def per_example_layer_norm_clip(
   ``C = global_l2_norm_clip``, each layer is clipped per example to
   ``C / sqrt(K)`` when `uniform`, otherwise to ``C * sqrt(D_k / D)`` where
   ``D_k`` is the layer's size and ``D`` the model's. Either way the clipped
-  gradient of an example has global norm at most ``C``.
+  gradient of an example has global norm at most ``C``. An example whose
+  gradient holds an inf or NaN in any layer contributes zero to every layer
+  and is counted as clipped in each.
 
   Args:
     grads: Pytree of per-example gradients, each with the batch on axis 0.
@@ -101,12 +113,15 @@ def per_example_layer_norm_clip(
   _validate.check_threshold(global_l2_norm_clip, "global_l2_norm_clip")
   leaves = _base.batched_leaves(grads, "per_example_layer_norm_clip")
   total = sum(x[0].size for x in leaves)
+  norms = [example_norms([g]) for g in leaves]
+  # An example that is not finite in one layer is dropped from all of them.
+  finite = jnp.all(jnp.stack([jnp.isfinite(n) for n in norms]), axis=0)
   results = []
-  for g in leaves:
+  for g, n in zip(leaves, norms):
     share = 1 / len(leaves) if uniform else g[0].size / max(total, 1)
     clip_k = jnp.asarray(global_l2_norm_clip, jnp.float32) * share**0.5
-    sums, n = clip_examples([g], clip_k)
-    results.append((sums[0], n))
+    sums, num = clip_examples([g], clip_k, jnp.where(finite, n, jnp.nan))
+    results.append((sums[0], num))
   treedef = jax.tree.structure(grads)
   return (
     jax.tree.unflatten(treedef, [s for s, _ in results]),

@@ -85,6 +85,34 @@ def test_a_nonfinite_example_contributes_zero_and_is_counted(bad):
   assert bool(jnp.all(jnp.isfinite(sums["w"]))) and int(counts["w"]) == 2
 
 
+@pytest.mark.parametrize("bad", [jnp.inf, jnp.nan])
+def test_per_layer_drops_the_whole_nonfinite_example(bad):
+  # The example is left out of every layer, not only of the one holding the
+  # inf or NaN: "an example whose gradient has an inf or NaN contributes zero".
+  grads = [jnp.array([[1.0, 0.0], [bad, 0.0], [0.0, 1.0]]), jnp.array([[1.0], [2.0], [3.0]])]
+  sums, counts = jaxclip.per_example_layer_norm_clip(grads, 10.0)
+  np.testing.assert_allclose(sums[0], [1.0, 1.0])
+  np.testing.assert_allclose(sums[1], [4.0])  # 1 + 3: the second example is out
+  assert [int(c) for c in counts] == [1, 1]
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, -1.0, -jnp.inf])
+@pytest.mark.parametrize(
+  "clip",
+  [
+    lambda g, c: jaxclip.per_example_global_norm_clip(g, c),
+    lambda g, c: jaxclip.per_example_layer_norm_clip(g, c),
+  ],
+)
+def test_a_traced_bad_clip_norm_keeps_no_example(bad, clip):
+  # A concrete NaN or negative bound is a ValueError; a traced one cannot be
+  # checked, and must not turn clipping off (NaN) or flip every sign.
+  grads = [jnp.array([[30.0, 40.0], [3.0, 4.0], [0.3, 0.4]])]
+  sums, counts = jax.jit(clip)(grads, bad)
+  np.testing.assert_array_equal(jax.tree.leaves(sums)[0], [0.0, 0.0])
+  assert int(jax.tree.leaves(counts)[0]) == 3
+
+
 def test_quantile_clip_per_example_leaves_out_nonfinite_examples():
   tx = jaxclip.quantile_clip(0.5, 0.2, 1.0, per_example=True)
   grads = {"w": jnp.array([[3.0, 4.0], [jnp.nan, 1.0]])}
