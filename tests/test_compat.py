@@ -598,3 +598,24 @@ def test_tf_clip_by_average_norm():
   np.testing.assert_array_equal(ctf.clip_by_average_norm(np.zeros(3, F32), 1.0), np.zeros(3))
   with pytest.raises(TypeError, match="float32"):
     ctf.clip_by_average_norm(np.ones(2, np.float16), 1.0)
+
+
+def test_torch_clip_grad_value_raises_like_pytorch():
+  # PyTorch 2.13's messages for a clamp it cannot apply.
+  with pytest.raises(RuntimeError, match="^value cannot be converted to type c10::Half without"):
+    ctorch.clip_grad_value([jnp.ones(2, jnp.float16)], 70000.0)
+  with pytest.raises(RuntimeError, match="^value cannot be converted to type float without"):
+    ctorch.clip_grad_value([jnp.ones(2)], 1e39)
+  with pytest.raises(NotImplementedError, match="^clamp is not supported for complex types"):
+    ctorch.clip_grad_value([jnp.array([3 + 4j])], 1.0)
+
+
+def test_torch_functions_take_foreach():
+  g = [jnp.array([3.0, 4.0])]
+  for foreach in (None, False, True):
+    np.testing.assert_array_equal(ctorch.clip_grad_value(g, 1.0, foreach=foreach)[0], [1.0, 1.0])
+    clipped, norm = ctorch.clip_grad_norm(g, 10.0, foreach=foreach)
+    assert float(norm) == 5.0 and float(ctorch.get_total_norm(g, foreach=foreach)) == 5.0
+    np.testing.assert_array_equal(
+      ctorch.clip_grads_with_norm(g, 10.0, norm, foreach=foreach)[0], clipped[0]
+    )

@@ -155,7 +155,10 @@ def _pow(a: jax.Array, e: float) -> jax.Array:
 
 
 def get_total_norm(
-  grads: Any, norm_type: NormType = 2.0, error_if_nonfinite: bool = False
+  grads: Any,
+  norm_type: NormType = 2.0,
+  error_if_nonfinite: bool = False,
+  foreach: bool | None = None,
 ) -> jax.Array:
   """`torch.nn.utils.get_total_norm`: the norm of the per-tensor norms.
 
@@ -191,6 +194,8 @@ def get_total_norm(
     norm_type: The order p: any float, ``math.inf``, ``-math.inf``, or a
       string such as ``'inf'``.
     error_if_nonfinite: Whether to raise if the total norm is inf or NaN.
+    foreach: PyTorch's choice between its per-tensor and fused kernels;
+      accepted for drop-in calls and ignored (the result is the same).
 
   Returns:
     A scalar in the promoted dtype of the leaves (float32 for no leaves).
@@ -241,7 +246,10 @@ def _check_finite(total: jax.Array, p: float) -> None:
 
 
 def clip_grads_with_norm(
-  grads: Any, max_norm: jax.typing.ArrayLike, total_norm: jax.typing.ArrayLike
+  grads: Any,
+  max_norm: jax.typing.ArrayLike,
+  total_norm: jax.typing.ArrayLike,
+  foreach: bool | None = None,
 ) -> Any:
   """`torch.nn.utils.clip_grads_with_norm_`, returning the clipped copy.
 
@@ -257,6 +265,8 @@ def clip_grads_with_norm(
       PyTorch (a traced scalar is kept). Not validated otherwise: a negative
       value flips the sign of the gradients.
     total_norm: The norm to clip by, e.g. from `get_total_norm`.
+    foreach: PyTorch's choice between its per-tensor and fused kernels;
+      accepted for drop-in calls and ignored (the result is the same).
 
   Returns:
     The gradients scaled, in the structure of `grads`.
@@ -298,6 +308,7 @@ def clip_grad_norm(
   max_norm: jax.typing.ArrayLike,
   norm_type: NormType = 2.0,
   error_if_nonfinite: bool = False,
+  foreach: bool | None = None,
 ) -> tuple[Any, jax.Array]:
   """`torch.nn.utils.clip_grad_norm_`, returning ``(clipped, total_norm)``.
 
@@ -311,6 +322,8 @@ def clip_grad_norm(
     norm_type: The order of the norm: any float or ``'inf'``.
     error_if_nonfinite: Whether to raise if the total norm is inf or NaN
       (under `jax.jit`, see `get_total_norm`).
+    foreach: PyTorch's choice between its per-tensor and fused kernels;
+      accepted for drop-in calls and ignored (the result is the same).
 
   Returns:
     ``(clipped, total_norm)``.
@@ -335,7 +348,9 @@ def clip_grad_norm(
   return clip_grads_with_norm(grads, max_norm, total), total
 
 
-def clip_grad_value(grads: Any, clip_value: jax.typing.ArrayLike) -> Any:
+def clip_grad_value(
+  grads: Any, clip_value: jax.typing.ArrayLike, foreach: bool | None = None
+) -> Any:
   """`torch.nn.utils.clip_grad_value_`, returning the clipped copy.
 
   Every floating entry is clamped to ``[-clip_value, clip_value]`` (first
@@ -346,6 +361,8 @@ def clip_grad_value(grads: Any, clip_value: jax.typing.ArrayLike) -> Any:
     grads: A pytree of gradients.
     clip_value: The largest allowed magnitude, converted with ``float`` as
       in PyTorch (a traced scalar is kept).
+    foreach: PyTorch's choice between its per-tensor and fused kernels;
+      accepted for drop-in calls and ignored (the result is the same).
 
   Returns:
     The gradients clamped, in the structure of `grads`.
@@ -354,6 +371,9 @@ def clip_grad_value(grads: Any, clip_value: jax.typing.ArrayLike) -> Any:
     ValueError: If `clip_value` is a string that is not a number, or an
       array of more than one element (PyTorch's errors).
     TypeError: If ``float(clip_value)`` fails otherwise (PyTorch's error).
+    RuntimeError: If a concrete `clip_value` overflows a gradient's dtype
+      (PyTorch's error).
+    NotImplementedError: If a gradient is complex (PyTorch's error).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -364,13 +384,32 @@ def clip_grad_value(grads: Any, clip_value: jax.typing.ArrayLike) -> Any:
   References:
     PyTorch, [torch.nn.utils.clip_grad_value_](https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_value_.html).
   """
+  del foreach
   clip_value = _threshold(clip_value, "clip_value")
+  for x in _tree.inexact_leaves(grads):
+    _check_clamp_bound(x.dtype, clip_value)
 
   def clamp(x):
     v = jnp.asarray(clip_value).astype(x.dtype)
     return jnp.minimum(jnp.maximum(x, -v), v)
 
   return _tree.map_inexact(clamp, grads)
+
+
+# PyTorch's names of the dtypes in its conversion errors.
+_C10_NAMES = {"float16": "c10::Half", "bfloat16": "c10::BFloat16", "float32": "float"}
+
+
+def _check_clamp_bound(dtype: jnp.dtype, clip_value: Any) -> None:
+  """PyTorch's errors for a `clip_value` that its clamp cannot apply."""
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    raise NotImplementedError("clamp is not supported for complex types")
+  if isinstance(clip_value, float) and abs(clip_value) > float(jnp.finfo(dtype).max):
+    name = _C10_NAMES.get(jnp.dtype(dtype).name, jnp.dtype(dtype).name)
+    raise RuntimeError(
+      f"value cannot be converted to type {name} without overflow. jaxclip:"
+      f" `clip_value={clip_value}` is beyond the largest {jnp.dtype(dtype).name}."
+    )
 
 
 def clip_grad_norm_transform(
