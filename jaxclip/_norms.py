@@ -847,7 +847,8 @@ def global_norm(
   Args:
     tree: A pytree of arrays.
     ord: The order p of the norm: 2 (Euclidean, also for None), 1,
-      ``math.inf`` (or ``'inf'``, the largest magnitude), or any p > 0.
+      ``math.inf`` (or ``'inf'`` or ``'infinity'``, the largest magnitude),
+      or any p > 0.
     axis_name: Inside `jax.shard_map` or `jax.pmap`, the name of the mapped
       axis over which the gradients are split; the partial sums of every
       device are combined so that each device gets the norm of the whole tree.
@@ -923,7 +924,8 @@ def unitwise_norm(x: jax.typing.ArrayLike, axis: int | Axes | None = None) -> ja
 
   Returns:
     An array of `x`'s shape, in the accumulation dtype (float32 for bf16,
-    fp16 and float32 inputs), holding the norm of the unit of each entry.
+    fp16, float32, integer and boolean inputs), holding the norm of the unit
+    of each entry.
 
   Raises:
     ValueError: If `axis` is None and `x` has rank above 5.
@@ -936,6 +938,8 @@ def unitwise_norm(x: jax.typing.ArrayLike, axis: int | Axes | None = None) -> ja
            [5., 1.]], dtype=float32)
   """
   x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.inexact):  # integers and booleans, as optax takes them
+    x = x.astype(jnp.float32)
   axes = unitwise_axes(x.shape, axis)
   norms = group_norms(Layout([x], flatten=False), 2.0, lambda shape: axes)[0][0]
   return jnp.broadcast_to(norms, x.shape)

@@ -104,7 +104,7 @@ def check_ord(ord: Any, name: str = "ord") -> float:
       raise ValueError(f"`{name}` must be a scalar, got shape {np.shape(ord)}.")
     ord = float(ord)
   if isinstance(ord, str):
-    if ord.strip().lower() in ("inf", "+inf"):
+    if ord.strip().lower() in ("inf", "+inf", "infinity", "+infinity"):
       return math.inf
     raise ValueError(
       f"`{name}` must be a number > 0 or 'inf', got {ord!r}. Use 2 for the"

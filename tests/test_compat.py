@@ -619,3 +619,11 @@ def test_torch_functions_take_foreach():
     np.testing.assert_array_equal(
       ctorch.clip_grads_with_norm(g, 10.0, norm, foreach=foreach)[0], clipped[0]
     )
+
+
+@pytest.mark.parametrize("value", [jnp.float32(1.0), np.float64(1.0), np.array(1.0), 1])
+def test_keras_takes_numpy_and_jax_scalars(value):
+  tx = ckeras.with_clipping(optax.sgd(1.0), clipnorm=value)
+  g = {"a": jnp.array([3.0, 4.0])}
+  out, _ = tx.update(g, tx.init(g))
+  np.testing.assert_allclose(out["a"], [-0.6, -0.8], rtol=1e-6)

@@ -454,3 +454,16 @@ def test_unitwise_norm_explicit_axis_and_rank_error():
   )
   with pytest.raises(ValueError, match="axis="):
     jaxclip.unitwise_norm(jnp.ones((1, 2, 1, 2, 1, 2)))
+
+
+def test_ord_infinity_as_optax_spells_it():
+  tree = {"a": jnp.array([-3.0, 2.0])}
+  assert (
+    float(jaxclip.global_norm(tree, "infinity")) == 3.0 == float(optax.tree.norm(tree, "infinity"))
+  )
+
+
+def test_unitwise_norm_of_integers_as_optax():
+  x = jnp.array([[3, 0], [4, 1]])
+  np.testing.assert_array_equal(jaxclip.unitwise_norm(x), optax.transforms.unitwise_norm(x))
+  assert jaxclip.unitwise_norm(x).dtype == jnp.float32

@@ -33,8 +33,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from jaxclip import _validate
 from jaxclip.compat import _tree
 from jaxclip.compat.tf import _divide
 
@@ -44,9 +46,17 @@ __all__ = ["with_clipping"]
 def _check(value: float | None, name: str) -> float | None:
   if value is None:
     return None
+  if (
+    isinstance(value, np.ndarray | np.generic | jax.Array)
+    and np.ndim(value) == 0
+    and _validate.is_concrete(value)
+    and jnp.issubdtype(value.dtype, jnp.number)
+  ):
+    value = value.item()  # a NumPy or JAX scalar, as Keras takes it
   if isinstance(value, bool) or not isinstance(value, numbers.Real):
     raise TypeError(
-      f"`{name}` must be a Python number or None, got {value!r} of type {type(value).__name__}."
+      f"`{name}` must be a number (a NumPy or JAX scalar too) or None, got {value!r} of"
+      f" type {type(value).__name__}."
     )
   if not value >= 0:  # also NaN
     raise ValueError(
