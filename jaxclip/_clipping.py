@@ -454,9 +454,12 @@ def clip_by_block_rms(
 ) -> optax.GradientTransformationExtraArgs:
   """Scales each tensor so that its root mean square is at most `threshold`.
 
-  ``rms(g) = sqrt(mean(g**2))``; a tensor whose RMS exceeds the threshold
-  is divided by ``rms / threshold``, rounded as in `optax.clip_by_block_rms`
-  (its RMS is then the threshold to float32 precision). Unlike
+  ``rms(g) = sqrt(mean(g**2))`` (the mean taken before the root, as optax
+  takes it); a tensor whose RMS exceeds the threshold is multiplied by
+  ``threshold / rms``. `optax.clip_by_block_rms` divides by ``rms /
+  threshold`` instead, so entries may differ from optax's in the last bit:
+  XLA does not fuse a division of every entry into the optimizer's kernels
+  (chained with AdamW on CPU, 2.2x a bare step against 1.2x). Unlike
   `optax.clip_by_block_rms`, a zero tensor with a zero threshold stays zero
   (optax gives NaN).
 
@@ -485,6 +488,4 @@ def clip_by_block_rms(
   def measure(layout, _):
     return _norms.joined_norms(layout, 2.0, mean=True)
 
-  return per_tensor(
-    "clip_by_block_rms", measure, threshold, "threshold", layer_axes=layer_axes, divide=True
-  )
+  return per_tensor("clip_by_block_rms", measure, threshold, "threshold", layer_axes=layer_axes)

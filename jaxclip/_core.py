@@ -120,7 +120,6 @@ def per_tensor_clipper(
   unitwise: bool = False,
   schedules: Mapping[str, Any] | None = None,
   layer_axes: _layers.LayerAxes = None,
-  divide: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """A clipper scaling each tensor (or each unit of it) on its own.
 
@@ -144,9 +143,6 @@ def per_tensor_clipper(
     layer_axes: Which leaves hold stacked layers on leading axes (see
       `jaxclip._layers`): each layer slice is then a tensor of its own, with
       its own entry in the state.
-    divide: Whether a clipped tensor is divided by ``measured / threshold``
-      rather than multiplied by the `scale` ``threshold / measured`` (the
-      rounding of `optax.clip_by_block_rms`); whole tensors only.
   """
   rules = _layers.check_layer_axes(layer_axes)
 
@@ -180,9 +176,8 @@ def per_tensor_clipper(
       scales, scale, clipped = _unit_scales(layout, measured, threshold)
     else:
       scale, clipped = _base.clip_scale(per_tensor, threshold)
-      scales = layout.broadcast(jnp.where(clipped, per_tensor / threshold, 1) if divide else scale)
-    scale_leaf = _divide_leaf if divide else _base.scale_leaf
-    it = iter(scale_leaf(x, s) for x, s in zip(layout.leaves, scales))
+      scales = layout.broadcast(scale)
+    it = iter(_base.scale_leaf(x, s) for x, s in zip(layout.leaves, scales))
     updates = _base.map_inexact(lambda x: next(it), updates)
     if not own:
       return updates, state
@@ -197,11 +192,6 @@ def per_tensor_clipper(
     return updates, _base.keep_dtypes(state, state_type, new)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _divide_leaf(x: jax.Array, divisor: jax.Array) -> jax.Array:
-  """x / divisor, computed in the divisor's precision and cast back to x's dtype."""
-  return (x / divisor).astype(x.dtype)
 
 
 def _unit_scales(

@@ -149,12 +149,6 @@ def _max_magnitude(v: jax.Array, axis: Axes | None, keepdims: bool = False) -> j
   """The max of ``|v|``, NaN wherever `v` holds a NaN, also across devices
   (see `keeping_nan`).
 
-  For real `v` it is the larger of ``max(v)`` and ``-min(v)``: XLA:CPU
-  reduces a plain max or min about four times faster than a max of ``|v|``,
-  so the two take about half the time of the one (4096 x 4096 float32: 16 ms
-  against 29 ms). The final `abs` turns a ``-0.0`` (from ``-min`` of zeros)
-  into ``0.0``.
-
   The NaN is carried by ``sum(v - v)``: 0 for finite entries, NaN for a NaN
   (and for an inf, where the max is inf already and is kept). It is a plain
   sum, which XLA:CPU reduces about ten times faster than a sum of the NaNs
@@ -162,13 +156,9 @@ def _max_magnitude(v: jax.Array, axis: Axes | None, keepdims: bool = False) -> j
   sum's constant factor was materialised as a full-size array, shared by the
   leaves of one shape.
   """
-  if not jnp.issubdtype(v.dtype, jnp.floating):
-    v = jnp.abs(v)  # complex: the modulus; integer: as before
-  hi = jnp.max(v, axis=axis, keepdims=keepdims, initial=0)
+  out = jnp.max(jnp.abs(v), axis=axis, keepdims=keepdims, initial=0)
   if not jnp.issubdtype(v.dtype, jnp.inexact):
-    return hi
-  lo = jnp.min(v, axis=axis, keepdims=keepdims, initial=0)
-  out = jnp.abs(jnp.maximum(hi, -lo))
+    return out
   flag = jnp.sum(v - v, axis=axis, keepdims=keepdims)
   return jnp.where(jnp.isinf(out), out, out + flag)
 

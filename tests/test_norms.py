@@ -112,8 +112,7 @@ def test_max_norm_keeps_nan_and_never_overflows():
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_max_norm_of_signed_zero_and_complex_leaves(jit):
-  # The largest magnitude is max(max(x), -min(x)): never -0.0, and the
-  # modulus for complex leaves.
+  # The largest magnitude is never -0.0, and the modulus for complex leaves.
   norm = jax.jit(jaxclip.global_norm, static_argnums=1) if jit else jaxclip.global_norm
   zero = norm(jnp.array([0.0, -0.0]), math.inf)
   assert float(zero) == 0.0 and not np.signbit(zero)
@@ -354,11 +353,11 @@ def _count_eqns(jaxpr) -> int:
 
 
 @pytest.mark.parametrize(
-  "make",
-  [lambda: jaxclip.clip_by_norm(1.0), lambda: jaxclip.clip_by_block_rms(1.0)],
+  "make, per_tensor",
+  [(lambda: jaxclip.clip_by_norm(1.0), 20), (lambda: jaxclip.clip_by_block_rms(1.0), 20)],
   ids=["norm", "block_rms"],
 )
-def test_per_tensor_scalar_work_is_shared_by_all_tensors(make):
+def test_per_tensor_scalar_work_is_shared_by_all_tensors(make, per_tensor):
   # The rescaling decision, the roots, the scales and the records of a
   # whole-tensor clipper are computed on one vector, however many tensors
   # there are: a further tensor adds its reduction, its part of the
@@ -370,7 +369,7 @@ def test_per_tensor_scalar_work_is_shared_by_all_tensors(make):
     tx = make()
     return _count_eqns(jax.make_jaxpr(tx.update)(tree, tx.init(tree)).jaxpr)
 
-  assert (eqns(40) - eqns(20)) / 20 <= 20
+  assert (eqns(40) - eqns(20)) / 20 <= per_tensor
 
 
 @pytest.mark.parametrize("scale", [1.0, 1e25, 1e-30])  # plain, overflowing, underflowing
