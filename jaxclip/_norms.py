@@ -77,17 +77,19 @@ def inexact_leaves(tree: Any) -> list[jax.Array]:
     TypeError: If a leaf is not an array (a Python number, a generator),
       naming its path.
   """
-  leaves = jax.tree.leaves(tree)
-  if any(not _is_array(x) for x in leaves):
-    _raise_not_array(tree)
-  return [x for x in leaves if is_inexact(x)]
+  check_arrays(tree)
+  return [x for x in jax.tree.leaves(tree) if is_inexact(x)]
 
 
 def _is_array(x: object) -> bool:
   return getattr(x, "dtype", None) is not None and hasattr(x, "shape")
 
 
-def _raise_not_array(tree: Any) -> None:
+def check_arrays(tree: Any) -> None:
+  """Raises a TypeError naming the first leaf of `tree` that is not an array
+  (a Python number, a generator): skipped, it would report a norm of 0."""
+  if all(_is_array(x) for x in jax.tree.leaves(tree)):
+    return
   for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if _is_array(x):
       continue
