@@ -110,6 +110,18 @@ def test_max_norm_keeps_nan_and_never_overflows():
   assert jaxclip.global_norm([big, -big], inf) == jnp.finfo(jnp.float32).max
 
 
+def test_max_norm_reads_each_leaf_once_on_one_device():
+  """On one device the max keeps a NaN by itself: no second (NaN-carrying)
+  pass over the leaf; the 8-device checks cover the pass that spans devices."""
+  x = jnp.ones((64, 32))
+  eqns = jax.make_jaxpr(lambda g: jaxclip.global_norm(g, math.inf))(x).jaxpr.eqns
+  full = [
+    e.primitive.name for e in eqns if any(getattr(v.aval, "size", 0) == x.size for v in e.invars)
+  ]
+  assert full.count("reduce_max") == 1
+  assert "reduce_sum" not in full
+
+
 @pytest.mark.parametrize("jit", [False, True])
 def test_max_norm_of_signed_zero_and_complex_leaves(jit):
   # The largest magnitude is never -0.0, and the modulus for complex leaves.

@@ -130,6 +130,28 @@ def test_shard_map_clip_by_global_norm_matches_single_device():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("ord", [math.inf, 2])
+@pytest.mark.parametrize("where", [0, 5, 63])  # on the first, a middle and the last device
+def test_shard_map_axis_name_keeps_a_nan_held_by_one_device(ord, where):
+  """A NaN in one device's shard makes the norm NaN on every device, as on one
+  device (a max all-reduce alone drops it on XLA:CPU), and the clipper then
+  passes the updates through unscaled; an inf is kept as inf."""
+  mesh = jax.make_mesh((8,), ("d",), axis_types=(AxisType.Explicit,))
+  tx = jaxclip.clip_by_global_norm(1.0, ord=ord, axis_name="d")
+
+  def step(g):
+    out, state = tx.update(g, tx.init(g))
+    return out, jaxclip.global_norm(g, ord, axis_name="d")[None], state.norm[None]
+
+  fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=P("d"), out_specs=P("d")))
+  host = jnp.arange(64.0)
+  for bad, check in ((jnp.nan, np.isnan), (jnp.inf, np.isposinf)):
+    out, norms, recorded = fn(_put(host.at[where].set(bad), mesh, P("d")))
+    assert check(np.asarray(norms)).all(), (bad, norms)
+    assert check(np.asarray(recorded)).all(), (bad, recorded)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(host.at[where].set(bad)))
+
+
 def test_pmap_axis_name():
   host = jax.random.normal(jax.random.key(1), (8, 1000))
   tx = jaxclip.clip_by_global_norm(1.0, axis_name="i")
