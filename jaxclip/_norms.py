@@ -151,7 +151,12 @@ def keeping_nan(reduce: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
 def _one_device() -> bool:
   """Whether this runtime has a single device (and process): no reduction can
   then span devices. Asked at trace time, once the backends are up."""
-  return jax.process_count() == 1 and jax.device_count() == 1 and len(jax.devices("cpu")) == 1
+  if jax.process_count() != 1 or jax.device_count() != 1:
+    return False
+  try:  # host devices too: a mesh may be made of them on a GPU machine
+    return len(jax.devices("cpu")) == 1
+  except RuntimeError:  # no CPU backend (JAX_PLATFORMS without cpu)
+    return True
 
 
 def _max_magnitude(v: jax.Array, axis: Axes | None, keepdims: bool = False) -> jax.Array:
