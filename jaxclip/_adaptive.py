@@ -276,7 +276,7 @@ def adagc(
   def decide(norms, state, count, extra_args):
     total = _norms.tree_norm([norms], 2.0)
     in_warmup = count < warmup
-    limit = _base.resolve(warmup_max_norm, count, norms.dtype)
+    limit = _base.resolve(warmup_max_norm, count, norms.dtype, "warmup_max_norm")
     # Warmup clips globally: each tensor's bound is its share of the limit.
     over = jnp.isfinite(total) & (total > limit)
     share = jnp.where(over, limit * (norms / jnp.where(over, total, 1)), jnp.inf)

@@ -12,15 +12,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxclip import _norms
+from jaxclip import _norms, _validate
 from jaxclip._validate import Threshold
 
 
-def resolve(value: Threshold, count: jax.Array, dtype: jnp.dtype) -> jax.Array:
-  """The value of a threshold at step `count`, as a scalar array of `dtype`."""
+def resolve(
+  value: Threshold, count: jax.Array, dtype: jnp.dtype, name: str | None = None
+) -> jax.Array:
+  """The value of a threshold at step `count`, as an array of `dtype`; given
+  its `name`, checked to be a scalar (a schedule's or traced value too)."""
   if callable(value):
     value = value(count)
-  return jnp.asarray(value).astype(dtype)
+  out = jnp.asarray(value).astype(dtype)
+  if name is not None:
+    _validate.check_scalar(out, name)
+  return out
 
 
 def record_dtype(tree: Any) -> jnp.dtype:

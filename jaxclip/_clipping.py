@@ -136,8 +136,8 @@ def clip_by_value(
     >>> round(float(state.clipped_fraction), 4)
     0.6667
   """
-  _validate.check_threshold(min_value, "min_value", allow_negative=True)
-  _validate.check_threshold(max_value, "max_value", allow_negative=True)
+  _validate.check_threshold(min_value, "min_value", allow_negative=True, scalar=False)
+  _validate.check_threshold(max_value, "max_value", allow_negative=True, scalar=False)
   if (
     not callable(min_value)
     and not callable(max_value)
@@ -278,7 +278,7 @@ def clip(max_delta: Threshold) -> optax.GradientTransformationExtraArgs:
     >>> tx.update(jnp.array([-3.0, 0.5, 2.0]), tx.init(None))[0]
     Array([-1. ,  0.5,  1. ], dtype=float32)
   """
-  _validate.check_threshold(max_delta, "max_delta")
+  _validate.check_threshold(max_delta, "max_delta", scalar=False)
   if callable(max_delta):
     schedule = max_delta
     return clip_by_value(lambda n: -jnp.asarray(schedule(n)), schedule)
@@ -339,7 +339,7 @@ def clip_by_global_norm(
     "clip_by_global_norm",
     ClipByGlobalNormState,
     _fixed_init(ClipByGlobalNormState),
-    _fixed(max_norm),
+    _fixed(max_norm, "max_norm"),
     p=p,
     axis_name=axis_name,
     schedules={"max_norm": max_norm},
@@ -362,11 +362,11 @@ def _fixed_init(state_type: type):
   return init_state
 
 
-def _fixed(threshold: Threshold) -> _core.Decide:
-  """The policy of a fixed (or scheduled) threshold."""
+def _fixed(threshold: Threshold, name: str) -> _core.Decide:
+  """The policy of a fixed (or scheduled) scalar threshold named `name`."""
 
   def decide(measured, state, count, extra_args):
-    return _base.resolve(threshold, count, measured.dtype), {}
+    return _base.resolve(threshold, count, measured.dtype, name), {}
 
   return decide
 
@@ -380,7 +380,7 @@ def per_tensor(
     PerTensorClipState,
     _fixed_init(PerTensorClipState),
     measure,
-    _fixed(threshold),
+    _fixed(threshold, arg),
     schedules={arg: threshold},
     **kwargs,
   )

@@ -114,8 +114,8 @@ def clippy(
     Tang et al., [Improving Training Stability for Multitask Ranking Models
     in Recommender Systems](https://arxiv.org/abs/2302.09178), KDD 2023.
   """
-  _validate.check_threshold(relative, "relative")
-  _validate.check_threshold(absolute, "absolute")
+  _validate.check_threshold(relative, "relative", scalar=False)
+  _validate.check_threshold(absolute, "absolute", scalar=False)
   thresholds = {"relative": relative, "absolute": absolute}
   fixed = not callable(absolute) and _validate.is_concrete(absolute)
   zero_bound = not (fixed and bool(np.all(np.asarray(absolute) > 0)))

@@ -214,7 +214,7 @@ def spam_clip(
       active = active & (n % interval >= start)
       v_prev = tuple(jnp.where(n % interval == 0, 0, v).astype(v.dtype) for v in v_prev)
     dtype = state.threshold.dtype
-    theta = _base.resolve(threshold, state.count, dtype)
+    theta = _base.resolve(threshold, state.count, dtype, "threshold")
     b, c = jnp.asarray(beta, dtype), complement(beta, dtype)
     parts = [_spam_leaf(x, v, theta, active, b, c) for x, v in zip(leaves, v_prev)]
     it = iter(p[0] for p in parts)

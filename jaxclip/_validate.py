@@ -43,13 +43,20 @@ def _as_real(value: Any, name: str) -> np.ndarray:
 
 
 def check_threshold(
-  value: Threshold, name: str, *, allow_negative: bool = False, allow_schedule: bool = True
+  value: Threshold,
+  name: str,
+  *,
+  allow_negative: bool = False,
+  allow_schedule: bool = True,
+  scalar: bool = True,
 ) -> None:
-  """Raises for a concrete non-numeric, NaN (or negative) threshold.
+  """Raises for a concrete non-numeric, NaN (or negative) threshold, or, with
+  `scalar`, one that is not a scalar.
 
   Any real dtype is accepted (bf16, fp16 and float8 thresholds included).
-  Schedules and traced values are not checked: their values are only known
-  inside the step. With ``allow_schedule=False`` a callable is a TypeError.
+  Schedules and traced values are not checked here: their values are only
+  known inside the step (`check_scalar` checks their shape there). With
+  ``allow_schedule=False`` a callable is a TypeError.
   """
   if callable(value) and not allow_schedule:
     raise TypeError(
@@ -66,6 +73,8 @@ def check_threshold(
       f" the step count), got {value!r} of type {type(value).__name__}."
     )
   arr = _as_real(value, name)
+  if scalar:
+    check_scalar(arr, name)
   if np.any(np.isnan(arr)):
     raise ValueError(
       f"`{name}` is NaN ({value!r}); pass a number such as 1.0, or math.inf to disable clipping."
@@ -74,6 +83,19 @@ def check_threshold(
     raise ValueError(
       f"`{name}` must be >= 0, got {value!r}. A threshold of 0 zeroes every"
       " non-zero update and math.inf disables clipping."
+    )
+
+
+def check_scalar(value: Any, name: str) -> None:
+  """Raises a ValueError if `value` (concrete or traced: shapes are known
+  while tracing) is not a scalar: an array would be broadcast into the
+  updates, changing their shapes, or read as one value per tensor."""
+  shape = np.shape(value)
+  if shape:
+    raise ValueError(
+      f"`{name}` must be a scalar, got an array of shape {shape}. Pass one"
+      " number (a 0-d array, or a schedule returning one); to treat tensors"
+      " differently, use `optax.masked` or `optax.partition`."
     )
 
 

@@ -179,7 +179,7 @@ def zclip(
   def decide(norm, state, count, extra_args):
     dtype = norm.dtype
     finite = jnp.isfinite(norm)
-    cap = _base.resolve(jnp.inf if max_norm is None else max_norm, count, dtype)
+    cap = _base.resolve(jnp.inf if max_norm is None else max_norm, count, dtype, "max_norm")
     warming = state.filled < warmup
 
     # Warmup: record the norm; initialise the statistics once the sample is full.

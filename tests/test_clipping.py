@@ -299,6 +299,32 @@ def test_non_numeric_threshold_is_a_type_error():
     jaxclip.clip_by_global_norm(np.asarray("1.0"))
 
 
+SCALAR_THRESHOLDS = {
+  "clip_by_global_norm": ("max_norm", jaxclip.clip_by_global_norm),
+  "clip_by_norm": ("max_norm", jaxclip.clip_by_norm),
+  "clip_by_block_rms": ("threshold", jaxclip.clip_by_block_rms),
+  "adaptive_grad_clip": ("clipping", jaxclip.adaptive_grad_clip),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCALAR_THRESHOLDS))
+@pytest.mark.parametrize("shape", [(2,), (1,), (1, 1)])
+def test_a_threshold_that_is_not_a_scalar_is_an_error(name, shape):
+  """optax raises for a non-scalar `max_norm`; unchecked, one was broadcast
+  into 0-d leaves (changing their shape) or read as one value per tensor."""
+  arg, make = SCALAR_THRESHOLDS[name]
+  g = {"a": jnp.ones(()), "b": jnp.ones((3,))}
+  match = re.escape(f"`{arg}` must be a scalar, got an array of shape {shape}")
+  with pytest.raises(ValueError, match=match):
+    make(jnp.ones(shape))
+  for tx in (
+    make(lambda count: jnp.ones(shape)),  # a schedule
+    optax.inject_hyperparams(make)(jnp.ones(shape)),  # traced
+  ):
+    with pytest.raises(ValueError, match=match):
+      jax.jit(tx.update)(g, tx.init(g), g)
+
+
 @pytest.mark.parametrize("bound_shape", [(3, 2), (3,), (2, 1, 1)])
 def test_clip_by_value_bounds_must_not_change_the_shape(bound_shape):
   g = {"w": jnp.ones((2,))} if bound_shape != (2, 1, 1) else {"w": jnp.ones((1, 2))}
