@@ -57,6 +57,16 @@ def unitwise_clip(
   return jnp.where(clipped, grad * scale, grad).astype(grad.dtype)
 
 
+def _ratio(g_norm: jax.Array, w_norm: jax.Array) -> jax.Array:
+  """``g_norm / w_norm``, kept finite for a finite gradient norm: where it
+  overflows (or `w_norm` is 0) it is the largest float, so that the unit is
+  clipped (to about 0) rather than passed through as a non-finite gradient
+  would be; 0 for a zero gradient norm (not 0 / 0)."""
+  ratio = g_norm / w_norm
+  ratio = jnp.where(jnp.isfinite(g_norm), jnp.minimum(ratio, jnp.finfo(ratio.dtype).max), ratio)
+  return jnp.where(g_norm == 0, 0, ratio)
+
+
 def adaptive_grad_clip(
   clipping: Threshold,
   eps: jax.typing.ArrayLike = 1e-3,
@@ -87,7 +97,9 @@ def adaptive_grad_clip(
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
     `PerTensorClipState` (its `norm` field holds each tensor's largest
-    ratio ``||g|| / max(||w||, eps)``).
+    ratio ``||g|| / max(||w||, eps)``; for a finite gradient whose ratio
+    overflows, or is a division by a zero `eps` and parameter norm, the
+    largest float, and the unit is clipped).
 
   Raises:
     ValueError: If a concrete `clipping` or `eps` is negative or NaN, or
@@ -115,7 +127,7 @@ def adaptive_grad_clip(
   def measure(layout, param_layout):
     axes_of = lambda shape: _norms.unitwise_axes(shape, axis)  # noqa: E731
     g_norms, w_norms = _norms.paired_group_norms([layout, param_layout], 2.0, axes_of)
-    return [g / jnp.maximum(w, jnp.asarray(eps, w.dtype)) for g, w in zip(g_norms, w_norms)]
+    return [_ratio(g, jnp.maximum(w, jnp.asarray(eps, w.dtype))) for g, w in zip(g_norms, w_norms)]
 
   return _clipping.per_tensor(
     "adaptive_grad_clip",

@@ -136,7 +136,9 @@ def clippy(
       )
     count = _base.step_count(state, ClippyState, thresholds)
     own = isinstance(state, ClippyState)
-    dtype = state.ratio.dtype if own else _base.record_dtype(updates)
+    dtype = _base.record_dtype(updates)  # recorded in the state's (`keep_dtypes`)
+    if own:
+      dtype = jnp.result_type(dtype, state.ratio.dtype)
     leaves = _norms.inexact_leaves(updates)
     weights = _weights(leaves, params)
     rel = _base.resolve(relative, count, dtype)

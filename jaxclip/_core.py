@@ -88,7 +88,8 @@ def global_clipper(
       leaves = _norms.inexact_leaves(updates)
       norm = _norms.tree_norm(leaves, p, axis_name=axis_name)
     own = isinstance(state, state_type)
-    norm = norm.astype(state.norm.dtype if own else _base.record_dtype(updates))
+    if own:  # scaled in the wider dtype; recorded in the state's (`keep_dtypes`)
+      norm = norm.astype(jnp.result_type(norm.dtype, state.norm.dtype))
     threshold, fields = decide(norm, state, count, extra_args)
     threshold = jnp.asarray(threshold).astype(norm.dtype)
     if per_example:
@@ -157,7 +158,6 @@ def per_tensor_clipper(
       )
     count = _count_of(state, state_type, name, schedules)
     own = isinstance(state, state_type)
-    dtype = state.norm.dtype if own else _base.record_dtype(updates)
     leaves = _norms.inexact_leaves(updates)
     lead = _layers.layer_counts(updates, rules)
     layout = _norms.Layout(leaves, lead, flatten=not unitwise)
@@ -165,6 +165,11 @@ def per_tensor_clipper(
     if needs_params:
       param_layout = _norms.Layout(_base.matching_params(layout, params, name), lead, like=layout)
     measured = measure(layout, param_layout)
+    # Scaled in the wider of the measurement's and the state's dtypes;
+    # recorded in the state's (`keep_dtypes`).
+    dtype = jnp.result_type(layout.acc, *([measured] if not unitwise else measured))
+    if own:
+      dtype = jnp.result_type(dtype, state.norm.dtype)
     if unitwise:
       measured = [m.astype(dtype) for m in measured]
       per_tensor = layout.vector(layout.reduce_entries(_norms.keeping_nan(jnp.max), measured))

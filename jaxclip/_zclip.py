@@ -185,7 +185,11 @@ def zclip(
     # Warmup: record the norm; initialise the statistics once the sample is full.
     slot = jnp.minimum(state.filled, warmup - 1)
     keep = warming & finite
-    buf = jnp.where(keep, state.warmup_norms.at[slot].set(norm), state.warmup_norms)
+    buf = jnp.where(
+      keep,
+      state.warmup_norms.at[slot].set(norm.astype(state.warmup_norms.dtype)),
+      state.warmup_norms,
+    )
     filled = state.filled + keep.astype(jnp.int32)
     w_mean = jnp.mean(buf)
     w_var = jnp.mean(jnp.square(buf - w_mean))

@@ -78,3 +78,33 @@ def test_params_must_match_updates():
 def test_eps_is_not_a_schedule():
   with pytest.raises(TypeError, match="schedule"):
     jaxclip.adaptive_grad_clip(0.1, eps=lambda step: 1e-3)
+
+
+@pytest.mark.parametrize(
+  "eps,scale",
+  [(0.0, 1.0), (1e-3, 1e36)],  # a zero parameter norm with eps=0; a ratio beyond float32
+)
+def test_a_finite_gradient_with_an_infinite_ratio_is_clipped(eps, scale):
+  """A finite unit gradient whose ratio to max(||w||, eps) is infinite is
+  clipped to (about) 0, as optax does, not passed through as a non-finite
+  gradient is; a zero gradient over zero parameters stays zero."""
+  params = {"w": jnp.zeros((2, 1)), "b": jnp.zeros((2,))}
+  grads = {"w": scale * jnp.array([[3.0], [4.0]]), "b": jnp.zeros((2,))}
+  tx = jaxclip.adaptive_grad_clip(0.01, eps=eps)
+  out, state = tx.update(grads, tx.init(params), params)
+  expected, _ = optax.adaptive_grad_clip(0.01, eps=eps).update(grads, None, params)
+  for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(out["w"], 0.0)
+  assert list(np.asarray(state.clipped)) == [False, True]  # b, w
+  assert list(np.asarray(state.norm)) == [0.0, np.finfo(np.float32).max]
+
+
+def test_a_non_finite_gradient_still_passes_through():
+  params = {"w": jnp.ones((2, 1))}
+  for bad in (jnp.inf, jnp.nan):
+    grads = {"w": jnp.array([[bad], [4.0]])}
+    tx = jaxclip.adaptive_grad_clip(0.01)
+    out, state = tx.update(grads, tx.init(params), params)
+    np.testing.assert_array_equal(out["w"], grads["w"])
+    assert not bool(state.clipped[0])

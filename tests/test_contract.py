@@ -262,6 +262,44 @@ def test_state_dtypes_are_fixed_at_init_under_x64(name):
     jax.lax.scan(body, state, length=2)  # the state is a valid carry
 
 
+LEARNED_THRESHOLDS = {
+  "autoclip",
+  "zclip",
+  "adagc",
+  "quantile_clip",
+  "spam_clip",
+  "stable_spam_clip",
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_a_narrower_state_does_not_narrow_the_scaling_under_x64(name):
+  # A state made from f32 params keeps f32 records, but f64 updates are
+  # scaled in f64, as from a state made from f64 params: norms beyond the
+  # float32 range (which would record as inf) still clip. Learned thresholds
+  # come from statistics kept in the state's dtype (f32 here, where squares
+  # of 1e30 overflow), so they agree to f32 precision on moderate values.
+  if name.startswith("skip_"):
+    pytest.skip("guards scale nothing")
+  needs_params = TRANSFORMS[name][2]
+  with jax.enable_x64(True):
+    for size in (1.0,) if name in LEARNED_THRESHOLDS else (1.0, 1e30):
+      grads = {"w": size * jnp.array([[3.0, 1e-9], [4.0, 2.0]], jnp.float64)}
+      params = {"w": jnp.array([[1.0, 2.0], [3.0, 4.0]], jnp.float64)}
+      tx = _make(name)
+      p = params if needs_params else None
+      narrow = tx.init(jax.tree.map(lambda x: x.astype(jnp.float32), params))
+      out, state = jax.jit(tx.update)(grads, narrow, p)
+      want, _ = jax.jit(tx.update)(grads, tx.init(params), p)
+      _check_state(narrow, state)
+      for got, expected in zip(jax.tree.leaves(out), jax.tree.leaves(want), strict=True):
+        assert got.dtype == jnp.float64
+        if name in LEARNED_THRESHOLDS:  # learned from statistics kept in f32
+          np.testing.assert_allclose(got, expected, rtol=1e-6)
+        else:
+          np.testing.assert_array_equal(got, expected)
+
+
 @pytest.mark.parametrize("name", sorted(TRANSFORMS))
 @pytest.mark.parametrize("bad", [jnp.inf, -jnp.inf, jnp.nan])
 def test_nonfinite_inputs_have_defined_behaviour(name, bad):
