@@ -165,12 +165,14 @@ def _max_magnitude(v: jax.Array, axis: Axes | None, keepdims: bool = False) -> j
 
   On one device the max itself keeps a NaN. Where a reduction may span
   devices the NaN is carried by ``sum(v - v)``: 0 for finite entries, NaN
-  for a NaN (and for an inf, where the max is inf already and is kept). It
-  is a plain sum, which XLA:CPU reduces about ten times faster than a sum of
-  the NaNs selected (which `keeping_nan` takes), and it holds no constant: a
-  scaled sum's constant factor was materialised as a full-size array, shared
-  by the leaves of one shape. It is still a second pass over `v` (about 13%
-  of a `clip` + AdamW step on one CPU device), so it is left out there.
+  for a NaN (and for an inf, where the max is inf already and is kept: an
+  inf held by one device and a NaN by another give inf, where one device
+  gives NaN; both pass the updates through unscaled). It is a plain sum,
+  which XLA:CPU reduces about ten times faster than a sum of the NaNs
+  selected (which `keeping_nan` takes), and it holds no constant and shares
+  no `|v|` with the max (either was written out as a full-size array). It
+  is still a second pass over `v` (about 13% of a `clip` + AdamW step on
+  one CPU device), so it is left out there.
   """
   out = jnp.max(jnp.abs(v), axis=axis, keepdims=keepdims, initial=0)
   if not jnp.issubdtype(v.dtype, jnp.inexact) or _one_device():
@@ -539,18 +541,23 @@ def _all_reduce(s: jax.Array, p: float, axis_name: str | None) -> jax.Array:
   return lax.pmax(s, axis_name) + lax.psum(jnp.where(jnp.isnan(s), s, 0), axis_name)
 
 
-def _needs_rescaling(sums: list[jax.Array]) -> jax.Array:
+def _needs_rescaling(sums: list[jax.Array], p: float) -> jax.Array:
   """Whether a power sum overflowed, is NaN or lost precision to underflow.
 
-  An entry that is subnormal counts, and so does an all-zero set; an entry
-  that underflowed to exactly 0 next to normal ones does not (telling it from
-  a zero leaf would need a second pass at every step). One reduction per
-  array: a subnormal entry is counted as inf, so that a single sum tells.
+  A sum that is not 0 but below its ladder's `accurate` bound counts (some
+  of its terms may have underflowed; a higher rung keeps them), and so does
+  an all-zero set; a sum that underflowed to exactly 0 next to larger ones
+  does not (telling it from a zero leaf would need a second pass at every
+  step). One reduction per array: a small sum is counted as inf, so that a
+  single sum tells.
   """
-  tiny = jnp.finfo(sums[0].dtype).tiny
-  flagged = [jnp.sum(jnp.where((s > 0) & (s < tiny), jnp.inf, s)) for s in sums]
+  flagged = []
+  for s in sums:
+    ladder = _ladder(jnp.dtype(s.dtype), float(p))
+    small = ladder.accurate if ladder.above else jnp.finfo(s.dtype).tiny
+    flagged.append(jnp.sum(jnp.where((s > 0) & (s < small), jnp.inf, s)))
   total = flagged[0] if len(flagged) == 1 else jnp.sum(jnp.stack(flagged))
-  return ~jnp.isfinite(total) | (total < tiny)
+  return ~jnp.isfinite(total) | (total < jnp.finfo(total.dtype).tiny)
 
 
 # Rescaled power sums are exact to the float's precision for up to
@@ -730,7 +737,7 @@ def _norm(power_sums: PowerSums, p: float) -> list[jax.Array]:
     return [root(s, p) for s in sums]
   plain = lambda: [root(s, p) for s in sums]  # noqa: E731
   rescaled = lambda: _rescaled(power_sums, sums, p, ladder)  # noqa: E731
-  return cond(_needs_rescaling(sums), rescaled, plain)
+  return cond(_needs_rescaling(sums, p), rescaled, plain)
 
 
 def cond(pred: jax.Array, true_fn: Callable, false_fn: Callable, *operands: Any) -> Any:
