@@ -231,7 +231,9 @@ def adagc(
     axis_name: Inside `jax.shard_map` or `jax.pmap` with gradients split over
       devices, the mapped axis to sum each tensor's partial norms over, so that
       every device sees the same norms and keeps the same thresholds. Not needed
-      under plain `jax.jit` with sharded arrays.
+      under plain `jax.jit` with sharded arrays. With `layer_axes`, split
+      stacked leaves on other axes than their layer axes: each device counts
+      the layers it holds, so entries of different layers would be summed.
     layer_axes: Which leaves stack several layers on leading axes (an int
       for every leaf, or a dict such as ``{"blocks": 1}`` from a path
       fragment to a count): each layer then has its own EMA and threshold.

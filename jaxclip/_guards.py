@@ -168,7 +168,9 @@ def skip_on_spike(
     has_loss = extra_args.get("loss") is not None
     loss = jnp.asarray(extra_args["loss"], dtype) if has_loss else jnp.full([], jnp.nan, dtype)
     if has_loss and axis_name is not None:
-      loss = jax.lax.pmean(loss, axis_name)  # one decision for all devices
+      # One decision for all devices: the mean, as a sum of shares (a sum of
+      # the losses first could overflow).
+      loss = jax.lax.psum(loss / jax.lax.psum(1, axis_name), axis_name)
     finite = jnp.isfinite(norm) & (jnp.isfinite(loss) | (not has_loss))
     spike = _is_outlier(norm, state.norm_history, state.filled, n_sigma, need)
     if has_loss:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -112,14 +113,15 @@ def per_example_layer_norm_clip(
   """
   _validate.check_threshold(global_l2_norm_clip, "global_l2_norm_clip")
   leaves = _base.batched_leaves(grads, "per_example_layer_norm_clip")
-  total = sum(x[0].size for x in leaves)
+  sizes = [math.prod(x.shape[1:]) for x in leaves]  # not x[0]: the batch may be empty or split
+  total = sum(sizes)
   norms = [example_norms([g]) for g in leaves]
   # An example that is not finite in one layer is dropped from all of them.
   finite = jnp.all(jnp.stack([jnp.isfinite(n) for n in norms]), axis=0)
   results = []
-  for g, n in zip(leaves, norms):
-    share = 1 / len(leaves) if uniform else g[0].size / max(total, 1)
-    clip_k = jnp.asarray(global_l2_norm_clip, jnp.float32) * share**0.5
+  for g, n, size in zip(leaves, norms, sizes):
+    share = 1 / len(leaves) if uniform else size / max(total, 1)
+    clip_k = jnp.asarray(global_l2_norm_clip, n.dtype) * share**0.5
     sums, num = clip_examples([g], clip_k, jnp.where(finite, n, jnp.nan))
     results.append((sums[0], num))
   treedef = jax.tree.structure(grads)

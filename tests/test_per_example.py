@@ -30,6 +30,24 @@ def test_layer_matches_optax(uniform):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), ours, theirs)
 
 
+def test_layer_clipping_of_an_empty_batch_is_zero():
+  g = {"w": jnp.zeros((0, 4, 3)), "b": jnp.zeros((0, 3))}
+  sums, counts = jaxclip.per_example_layer_norm_clip(g, 1.0, uniform=True)
+  assert sums["w"].shape == (4, 3) and not jnp.any(sums["w"]) and int(counts["b"]) == 0
+  theirs = optax.per_example_layer_norm_clip(g, 1.0, uniform=True)
+  jax.tree.map(np.testing.assert_array_equal, (sums, counts), theirs)
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_layer_clip_norm_keeps_float64(uniform):
+  # The per-layer clip norm is not rounded to float32 for float64 gradients.
+  with jax.enable_x64(True):
+    g = jax.tree.map(lambda x: x.astype(jnp.float64), _grads())
+    ours = jaxclip.per_example_layer_norm_clip(g, 0.3, uniform)
+    theirs = optax.per_example_layer_norm_clip(g, 0.3, uniform)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-13), ours, theirs)
+
+
 def test_each_example_bounded():
   g = _grads()
   for i in range(6):

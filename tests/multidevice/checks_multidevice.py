@@ -152,6 +152,29 @@ def test_shard_map_axis_name_keeps_a_nan_held_by_one_device(ord, where):
     np.testing.assert_array_equal(np.asarray(out), np.asarray(host.at[where].set(bad)))
 
 
+def test_skip_on_spike_averages_a_huge_loss_without_overflow():
+  """The loss is averaged over the axis as a sum of shares: a sum of eight
+  losses of 1e38 overflows float32 and made every device skip the step."""
+  mesh = jax.make_mesh((8,), ("d",), axis_types=(AxisType.Explicit,))
+
+  def run(axis_name):
+    tx = jaxclip.skip_on_spike(optax.sgd(0.1), window=4, min_history=2, axis_name=axis_name)
+
+    def step(g):
+      out, state = tx.update(g, tx.init(g), g, loss=jnp.float32(1e38))
+      return out, state.loss, state.skipped
+
+    return step
+
+  g = jnp.ones(64)
+  want = jax.jit(run(None))(g)
+  fn = jax.shard_map(run("d"), mesh=mesh, in_specs=P("d"), out_specs=(P("d"), P(), P()))
+  got = jax.jit(fn)(_put(g, mesh, P("d")))
+  assert float(got[1]) == float(want[1]) == np.float32(1e38)
+  assert not bool(got[2]) and not bool(want[2])
+  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+
+
 def test_pmap_axis_name():
   host = jax.random.normal(jax.random.key(1), (8, 1000))
   tx = jaxclip.clip_by_global_norm(1.0, axis_name="i")
@@ -493,6 +516,10 @@ def test_per_example_clipping_with_the_batch_sharded(axis_type):
   clip = jax.jit(lambda g: jaxclip.per_example_global_norm_clip(g, 1.0))
   _assert_trees_close(clip(grads), clip(host), "per_example_global_norm_clip")
   assert _data_moving_ops(clip.lower(grads).compile().as_text()) == []
+  for uniform in (True, False):
+    layers = jax.jit(lambda g, u=uniform: jaxclip.per_example_layer_norm_clip(g, 1.0, uniform=u))
+    _assert_trees_close(layers(grads), layers(host), "per_example_layer_norm_clip")
+    assert _data_moving_ops(layers.lower(grads).compile().as_text()) == []
   tx = jaxclip.quantile_clip(per_example=True)
   state = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P())), tx.init(host))
   step = jax.jit(tx.update)
