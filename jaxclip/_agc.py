@@ -31,7 +31,8 @@ def unitwise_clip(
     div_eps: Smallest divisor, guarding against division by zero.
 
   Returns:
-    The clipped gradient, of `grad`'s shape and dtype.
+    The clipped gradient, of `grad`'s shape and dtype (floating for an
+    integer `grad`, as optax).
 
   Raises:
     ValueError: If the three arrays do not have the same shape.
@@ -54,7 +55,9 @@ def unitwise_clip(
     )
   clipped = jnp.isfinite(g_norm) & (g_norm > max_norm)
   scale = jnp.where(clipped, max_norm / jnp.maximum(g_norm, div_eps), 1)
-  return jnp.where(clipped, grad * scale, grad).astype(grad.dtype)
+  # An integer gradient is clipped as numbers, to floats (as optax does).
+  dtype = grad.dtype if _norms.is_inexact(grad) else scale.dtype
+  return jnp.where(clipped, grad * scale, grad).astype(dtype)
 
 
 def _ratio(g_norm: jax.Array, w_norm: jax.Array) -> jax.Array:

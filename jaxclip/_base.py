@@ -112,17 +112,24 @@ def keep_dtypes(state: Any, state_type: type, new: Any) -> Any:
   return jax.tree.map(lambda old, x: jnp.asarray(x).astype(old.dtype), state, new)
 
 
-def matching_params(layout: _norms.Layout, params: Any, name: str) -> list[jax.Array]:
-  """The floating leaves of `params`, checked to match the updates'."""
-  leaves = _norms.inexact_leaves(params)
-  shapes = [x.shape for x in layout.leaves], [w.shape for w in leaves]
+def matching_params(updates: Any, params: Any, name: str) -> list[jax.Array]:
+  """The leaves of `params` paired with the floating leaves of `updates`
+  (integer or boolean parameters as float32, as numbers), checked to have
+  the updates' leaf shapes."""
+  _norms.check_arrays(params)
+  u, w = jax.tree.leaves(updates), jax.tree.leaves(params)
+  shapes = [jnp.shape(x) for x in u], [jnp.shape(x) for x in w]
   if shapes[0] != shapes[1]:
     raise ValueError(
-      f"`{name}` needs `params` with the same floating leaves as the updates;"
-      f" got update shapes {shapes[0]} and parameter shapes {shapes[1]}. Pass"
-      " the parameters the updates are for."
+      f"`{name}` needs `params` with the leaves of the updates; got update"
+      f" shapes {shapes[0]} and parameter shapes {shapes[1]}. Pass the"
+      " parameters the updates are for."
     )
-  return leaves
+  return [
+    jnp.asarray(p) if _norms.is_inexact(p) else jnp.asarray(p, jnp.float32)
+    for x, p in zip(u, w)
+    if _norms.is_inexact(x)
+  ]
 
 
 # Per-example gradients (DP-SGD): every leaf has the batch on axis 0.

@@ -163,7 +163,7 @@ def per_tensor_clipper(
     layout = _norms.Layout(leaves, lead, flatten=not unitwise)
     param_layout = None
     if needs_params:
-      param_layout = _norms.Layout(_base.matching_params(layout, params, name), lead, like=layout)
+      param_layout = _norms.Layout(_base.matching_params(updates, params, name), lead, like=layout)
     measured = measure(layout, param_layout)
     # Scaled in the wider of the measurement's and the state's dtypes;
     # recorded in the state's (`keep_dtypes`).

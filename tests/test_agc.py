@@ -71,8 +71,21 @@ def test_unitwise_clip_matches_optax_and_checks_shapes():
 def test_params_must_match_updates():
   p = jnp.ones((2, 2))
   tx = jaxclip.adaptive_grad_clip(0.1)
-  with pytest.raises(ValueError, match="same floating leaves"):
+  with pytest.raises(ValueError, match="the leaves of the updates"):
     tx.update({"a": p, "b": p}, tx.init({"a": p}), {"a": p})
+
+
+def test_integer_params_and_gradients_count_as_numbers():
+  # As in optax: an integer parameter's norm is that of its values, and an
+  # integer gradient given to `unitwise_clip` comes back clipped, as floats.
+  g, p = {"b": jnp.array([3.0, 4.0])}, {"b": jnp.array([1, 0])}
+  tx = jaxclip.adaptive_grad_clip(0.1)
+  out, _ = tx.update(g, tx.init(p), p)
+  theirs, _ = optax.adaptive_grad_clip(0.1).update(g, optax.EmptyState(), p)
+  np.testing.assert_allclose(out["b"], theirs["b"], rtol=1e-6)
+  clipped = jaxclip.unitwise_clip(jnp.full((2, 1), 5.0), jnp.ones((2, 1)), jnp.array([[3], [4]]))
+  assert jnp.issubdtype(clipped.dtype, jnp.floating)
+  np.testing.assert_allclose(clipped, [[0.6], [0.8]], rtol=1e-6)
 
 
 def test_eps_is_not_a_schedule():
