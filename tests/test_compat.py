@@ -1,6 +1,7 @@
 """Tests of `jaxclip.compat` that need neither TensorFlow, PyTorch nor Keras."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -627,3 +628,33 @@ def test_keras_takes_numpy_and_jax_scalars(value):
   g = {"a": jnp.array([3.0, 4.0])}
   out, _ = tx.update(g, tx.init(g))
   np.testing.assert_allclose(out["a"], [-0.6, -0.8], rtol=1e-6)
+
+
+def test_torch_infinite_and_empty_edge_cases():
+  # Outcomes of PyTorch 2.13: clamping to an infinite bound is allowed (inf
+  # leaves the gradients as they are, -inf sets every non-NaN entry to -inf),
+  # float16 included; a total norm that is not 0-d is an error; an inf or
+  # -inf norm of an empty gradient has no identity and is an error.
+  g = [jnp.array([-3.0, 0.5, 2.0, jnp.inf, -jnp.inf, jnp.nan])]
+  np.testing.assert_array_equal(ctorch.clip_grad_value(g, math.inf)[0], g[0])
+  low = ctorch.clip_grad_value(g, -math.inf)[0]
+  np.testing.assert_array_equal(low, [-np.inf] * 5 + [np.nan])
+  half = [jnp.array([1.0, 60000.0, -1.0], jnp.float16)]
+  np.testing.assert_array_equal(ctorch.clip_grad_value(half, math.inf)[0], half[0])
+  for total in (jnp.array([5.0, 0.5]), jnp.array([5.0]), jnp.array([[5.0]])):
+    text = f"scalar tensor expected to be 0 dim but it has {total.ndim} dimensions and {total.size} elements."
+    with pytest.raises(RuntimeError, match="^" + re.escape(text)):
+      ctorch.clip_grads_with_norm([jnp.array([3.0, 4.0])], 1.0, total)
+  empty = [jnp.zeros((0,)), jnp.array([1.0, 2.0])]
+  cases = [
+    (math.inf, None, "_foreach_norm cannot compute the infinity norm on an empty tensor"),
+    (math.inf, False, "linalg.vector_norm cannot compute the inf norm on an empty tensor"),
+    (-math.inf, None, "linalg.vector_norm cannot compute the -inf norm on an empty tensor"),
+  ]
+  for norm_type, foreach, text in cases:
+    with pytest.raises(RuntimeError, match="^" + re.escape(text)):
+      ctorch.get_total_norm(empty, norm_type, foreach=foreach)
+    with pytest.raises(RuntimeError, match="^" + re.escape(text)):
+      ctorch.clip_grad_norm(empty, 1.0, norm_type, foreach=foreach)
+  assert ctorch.get_total_norm(empty, 2.0) == jnp.sqrt(jnp.float32(5.0))
+  assert float(ctorch.get_total_norm([], math.inf)) == 0.0

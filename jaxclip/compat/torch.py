@@ -225,6 +225,7 @@ def get_total_norm(
   leaves = _tree.inexact_leaves(grads)
   if not leaves:
     return jnp.zeros((), jnp.float32)
+  _check_no_empty_for_max(leaves, p, foreach)
   groups: dict[jnp.dtype, list[jax.Array]] = {}
   for x in leaves:
     groups.setdefault(x.dtype, []).append(_vector_norm(x, p))
@@ -234,6 +235,22 @@ def get_total_norm(
   if error_if_nonfinite:
     _check_finite(total, p)
   return total
+
+
+def _check_no_empty_for_max(leaves: list[jax.Array], p: float, foreach: bool | None) -> None:
+  """PyTorch's RuntimeError for an inf or -inf norm of an empty gradient
+  (a max or min has no identity), in the wording of the kernel it uses."""
+  if p not in (math.inf, -math.inf) or all(x.size for x in leaves):
+    return
+  if p == math.inf and foreach is not False:
+    raise RuntimeError(
+      "_foreach_norm cannot compute the infinity norm on an empty tensor because"
+      " the operation does not have an identity"
+    )
+  raise RuntimeError(
+    f"linalg.vector_norm cannot compute the {p} norm on an empty tensor because"
+    " the operation does not have an identity"
+  )
 
 
 def _check_finite(total: jax.Array, p: float) -> None:
@@ -288,6 +305,12 @@ def clip_grads_with_norm(
   """
   max_norm = _threshold(max_norm, "max_norm")
   total = jnp.asarray(total_norm)
+  if total.ndim:
+    raise RuntimeError(
+      f"scalar tensor expected to be 0 dim but it has {total.ndim} dimensions and"
+      f" {total.size} elements. jaxclip: pass the total norm as a scalar, e.g."
+      " from `get_total_norm`."
+    )
   if not jnp.issubdtype(total.dtype, jnp.floating):
     total = total.astype(jnp.float32)
   op = _opmath(total.dtype)
@@ -344,7 +367,7 @@ def clip_grad_norm(
   References:
     PyTorch, [torch.nn.utils.clip_grad_norm_](https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_norm_.html).
   """
-  total = get_total_norm(grads, norm_type, error_if_nonfinite)
+  total = get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
   return clip_grads_with_norm(grads, max_norm, total), total
 
 
@@ -404,7 +427,11 @@ def _check_clamp_bound(dtype: jnp.dtype, clip_value: Any) -> None:
   """PyTorch's errors for a `clip_value` that its clamp cannot apply."""
   if jnp.issubdtype(dtype, jnp.complexfloating):
     raise NotImplementedError("clamp is not supported for complex types")
-  if isinstance(clip_value, float) and abs(clip_value) > float(jnp.finfo(dtype).max):
+  if (
+    isinstance(clip_value, float)
+    and math.isfinite(clip_value)  # PyTorch clamps to an infinite bound
+    and abs(clip_value) > float(jnp.finfo(dtype).max)
+  ):
     name = _C10_NAMES.get(jnp.dtype(dtype).name, jnp.dtype(dtype).name)
     raise RuntimeError(
       f"value cannot be converted to type {name} without overflow. jaxclip:"
