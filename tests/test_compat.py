@@ -599,6 +599,11 @@ def test_tf_clip_by_average_norm():
   np.testing.assert_array_equal(ctf.clip_by_average_norm(np.zeros(3, F32), 1.0), np.zeros(3))
   with pytest.raises(TypeError, match="float32"):
     ctf.clip_by_average_norm(np.ones(2, np.float16), 1.0)
+  # TensorFlow 2.21's gradients, finite at zero (rsqrt(0) is not differentiated).
+  w = jnp.array([0.3, -0.7])
+  for t0, want in (([0.0, 0.0], [0.3, -0.7]), ([3.0, 4.0], [0.52800006, -0.39599997])):
+    got = jax.grad(lambda t: jnp.sum(ctf.clip_by_average_norm(t, 2.5) * w))(jnp.array(t0))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_torch_clip_grad_value_raises_like_pytorch():

@@ -343,7 +343,11 @@ def clip_by_average_norm(t: jax.typing.ArrayLike, clip_norm: jax.typing.ArrayLik
     )
   c = jnp.asarray(clip_norm).astype(jnp.float32)
   n = jnp.float32(values.size)
-  l2norm_inv = lax.rsqrt(jnp.sum(values * values))
+  # rsqrt(0) is inf, as in TensorFlow; taken on a safe value there, so that
+  # the gradient is TensorFlow's (finite) rather than NaN.
+  sum_sq = jnp.sum(values * values)
+  positive = sum_sq > 0
+  l2norm_inv = jnp.where(positive, lax.rsqrt(jnp.where(positive, sum_sq, 1)), jnp.inf)
   return values * c * _minimum(l2norm_inv * n, jnp.float32(1.0) / c)
 
 
