@@ -87,7 +87,7 @@ def adaptive_grad_clip(
 
   Args:
     clipping: Largest allowed ratio of unit gradient norm to unit parameter
-      norm (>= 0): a number, an array or a schedule ``step -> value``.
+      norm (>= 0): a number, a 0-d array or a schedule ``step -> value``.
     eps: Smallest parameter norm used, so zero-initialised parameters still
       get updates.
     axis: Axis or axes each unit spans; None infers them from the rank (with
@@ -105,8 +105,8 @@ def adaptive_grad_clip(
     largest float, and the unit is clipped).
 
   Raises:
-    ValueError: If a concrete `clipping` or `eps` is negative or NaN, or
-      `update` is called without `params`.
+    ValueError: If a concrete `clipping` or `eps` is negative or NaN, either
+      is not a scalar, or `update` is called without `params`.
 
   Examples:
     >>> import jax.numpy as jnp

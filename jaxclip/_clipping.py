@@ -300,8 +300,9 @@ def clip_by_global_norm(
   (see the "Non-finite gradients" section of the docs).
 
   Args:
-    max_norm: The largest allowed global norm (>= 0): a number, an array (also
-      traced, for `optax.inject_hyperparams`) or a schedule ``step -> value``.
+    max_norm: The largest allowed global norm (>= 0): a number, a 0-d array
+      (also traced, for `optax.inject_hyperparams`) or a schedule
+      ``step -> value``.
     ord: Order of the norm: 2 (the default, also for None), 1, ``math.inf``
       or any p > 0. Under `optax.inject_hyperparams`, list it in
       ``static_args``.
@@ -314,7 +315,8 @@ def clip_by_global_norm(
     `ClipByGlobalNormState`.
 
   Raises:
-    ValueError: If a concrete `max_norm` is negative or NaN, or `ord <= 0`.
+    ValueError: If a concrete `max_norm` is negative or NaN, or `ord <= 0`;
+      or `max_norm` is not a scalar (also from a schedule or traced).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -402,8 +404,8 @@ def clip_by_norm(
   `clip_by_global_norm` unless you are porting code that uses this.
 
   Args:
-    max_norm: The largest allowed norm of each tensor (>= 0): a number, an
-      array or a schedule ``step -> value``.
+    max_norm: The largest allowed norm of each tensor (>= 0): a number, a
+      0-d array or a schedule ``step -> value``.
     ord: Order of the norm: 2 (the default, also for None), 1, ``math.inf``
       or any p > 0. Under `optax.inject_hyperparams`, list it in
       ``static_args``.
@@ -420,8 +422,9 @@ def clip_by_norm(
     `PerTensorClipState`.
 
   Raises:
-    ValueError: If a concrete `max_norm` is negative or NaN, `ord <= 0`, or
-      `axis` does not fit a leaf.
+    ValueError: If a concrete `max_norm` is negative or NaN, `ord <= 0`,
+      `axis` does not fit a leaf, or `max_norm` is not a scalar (also from a
+      schedule or traced).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -464,8 +467,8 @@ def clip_by_block_rms(
   (optax gives NaN).
 
   Args:
-    threshold: The largest allowed RMS of each tensor (>= 0): a number, an
-      array or a schedule ``step -> value``.
+    threshold: The largest allowed RMS of each tensor (>= 0): a number, a
+      0-d array or a schedule ``step -> value``.
     layer_axes: Which leaves stack several layers on leading axes (as in
       `clip_by_norm`): each layer is then a block of its own.
 
@@ -474,7 +477,8 @@ def clip_by_block_rms(
     `PerTensorClipState` (its `norm` field holds the RMS).
 
   Raises:
-    ValueError: If a concrete `threshold` is negative or NaN.
+    ValueError: If a concrete `threshold` is negative or NaN, or it is not a
+      scalar (also from a schedule or traced).
 
   Examples:
     >>> import jax.numpy as jnp

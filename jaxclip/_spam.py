@@ -147,7 +147,7 @@ def spam_clip(
 
   Args:
     threshold: ``theta``, the largest allowed ratio ``g**2 / v`` (>= 0):
-      a number, an array or a schedule ``step -> value``.
+      a number, a 0-d array or a schedule ``step -> value``.
     beta: EMA coefficient of ``v``, in [0, 1) (may be traced).
     start_step: The first step (counting from 1) at which entries are
       clipped, the reference's ``grad_accu_steps`` (a Python int >= 1).
