@@ -312,7 +312,8 @@ class QuantileClipState(NamedTuple):
       <= ``C``.
     next_threshold: The threshold for the next step,
       ``C * exp(-lr * (b - q))``.
-    key: PRNG key (uint32[2]) for the count noise, split at every noisy step.
+    key: PRNG key (uint32[2]) for the count noise, split at every step in
+      per-example mode.
   """
 
   count: jax.Array
@@ -371,7 +372,9 @@ def quantile_clip(
     initial_max_norm: Starting threshold ``C`` (>= 0).
     per_example: Whether the updates carry a batch axis 0 (see above).
     count_noise_std: Standard deviation of the noise on the count of
-      unclipped examples (>= 0; per-example mode only).
+      unclipped examples (>= 0; per-example mode only: a traced value, e.g.
+      from `optax.inject_hyperparams`, is not checked and is unused in the
+      default mode).
     seed: Seed of the PRNG key kept in the state.
     axis_name: Inside `jax.shard_map` or `jax.pmap` with gradients split over
       devices, the mapped axis to sum the partial norms over, so that every
@@ -432,12 +435,16 @@ def quantile_clip(
     c = state.next_threshold.astype(norms.dtype)
     below = jnp.sum(norms <= c).astype(c.dtype)  # a non-finite norm is not below
     key = state.key
-    if per_example and noisy:
+    if per_example:
+      # The key is split at every step, noisy or not, so that it evolves
+      # alike eagerly and under jit (where an injected std is traced).
       if "key" in extra_args:
         sub = jnp.asarray(extra_args["key"])
       else:
         key, sub = jax.random.split(state.key)
-      below = below + jnp.asarray(count_noise_std, c.dtype) * jax.random.normal(sub, (), c.dtype)
+      if noisy:
+        noise = jax.random.normal(sub, (), c.dtype)
+        below = below + jnp.asarray(count_noise_std, c.dtype) * noise
     fraction = below / max(norms.size, 1)
     eta = jnp.asarray(learning_rate, c.dtype)
     new_c = c * jnp.exp(-eta * (fraction - jnp.asarray(target_quantile, c.dtype)))

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from jaxclip import _norms, _validate
 
@@ -38,7 +39,10 @@ def noisy_mean(
   Every floating leaf ``s`` of `grads_sum` becomes
   ``(s + noise_multiplier * l2_norm_clip * N(0, I)) / batch_size``, the noise
   drawn in float32 (float64 for float64 leaves) from `key` and the result
-  cast to the leaf's dtype; other leaves (None, integers) pass through.
+  cast to the leaf's dtype. A complex leaf gets independent noise of that
+  standard deviation on its real and imaginary parts (its entries count as
+  pairs of reals, as its modulus does in the clipping norm). Other leaves
+  (None, integers) pass through.
   Jittable; every argument but `grads_sum` may be traced.
 
   With Poisson sampling (each example in the batch with probability q, the
@@ -84,12 +88,19 @@ def noisy_mean(
   keys = jax.random.split(key, max(len(leaves), 1))
   out = []
   for x, k in zip(leaves, keys):
-    if not _norms.is_inexact(x) or jnp.iscomplexobj(x):
+    if not _norms.is_inexact(x):
       out.append(x)
       continue
     acc = _norms.accumulation_dtype(x.dtype)
     std = jnp.asarray(noise_multiplier, acc) * jnp.asarray(l2_norm_clip, acc)
-    noisy = x.astype(acc) + std * jax.random.normal(k, x.shape, acc)
+    if jnp.iscomplexobj(x):
+      real, imag = jax.random.split(k)
+      noise = lax.complex(
+        jax.random.normal(real, x.shape, acc), jax.random.normal(imag, x.shape, acc)
+      )
+      noisy = x.astype(noise.dtype) + std * noise
+    else:
+      noisy = x.astype(acc) + std * jax.random.normal(k, x.shape, acc)
     out.append((noisy / jnp.asarray(batch_size, acc)).astype(x.dtype))
   return jax.tree.unflatten(treedef, out)
 

@@ -140,7 +140,13 @@ def _gather(params: dict, shapes: list, out_shape, perm: Axes) -> Geometry | Non
   kept = [a for a in range(len(shape)) if a not in dn.collapsed_slice_dims]
   t = int(np.prod([out_shape[d] for d in batch_out]))
   kb = int(np.prod([shape[a] for a in whole]))
-  drop = bool(params["mode"] == lax.GatherScatterMode.FILL_OR_DROP)
+  # Out-of-bounds rows get no gradient where the pullback's scatter drops
+  # them: with FILL_OR_DROP, and with PROMISE_IN_BOUNDS (`E[ids]`), whose
+  # gather clamps but whose scatter discards (as JAX documents for XLA).
+  drop = params["mode"] in (
+    lax.GatherScatterMode.FILL_OR_DROP,
+    lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+  )
   present = [a for a in kept if a in whole]  # a whole axis of size 1 may be collapsed
   order = [present.index(a) + 1 for a in _sorted_by([perm[a] for a in present], present)]
 
@@ -149,7 +155,7 @@ def _gather(params: dict, shapes: list, out_shape, perm: Axes) -> Geometry | Non
     valid = jnp.ones(idx.shape[:-1], bool)
     for j, a in enumerate(dn.start_index_map):
       s, hi = idx[..., j], shape[a] - sizes[a]
-      if drop:  # out-of-bounds rows are filled, and get no gradient
+      if drop:  # out-of-bounds rows get no gradient
         valid &= (s >= 0) & (s <= hi)
       starts[a] = jnp.clip(s, 0, hi)
     ids = _linear_index(starts, shape, looked, perm).reshape(-1)
@@ -247,10 +253,52 @@ def squared_norm(factors: list[tuple[Factor, Factor]], sizes: list, ghost: bool)
     _, _, ka, kb = sizes[0]
     total = sum(_materialized(a, b, ka, kb) for a, b in factors)
     return jnp.sum(jnp.square(total))
+  factors, exponent = _balanced(factors)
   out = jnp.zeros((), jnp.float32)
   for i, (a, b) in enumerate(factors):
     for j in range(i, len(factors)):
       c, d = factors[j]
       term = jnp.sum(_gram(a, c) * _gram(b, d))
       out = out + (term if i == j else 2 * term)
-  return out
+  back = _power_of_two(jnp.clip(exponent, -126, 127))
+  return out * back * back
+
+
+def _balanced(
+  factors: list[tuple[Factor, Factor]],
+) -> tuple[list[tuple[Factor, Factor]], jax.Array]:
+  """The factors with the dense ones of each side scaled by one power of two
+  that brings their largest magnitude near 1, and the sum ``e`` of the two
+  exponents: the squared norm of the scaled factors times ``2**(2e)`` is the
+  squared norm. The Gram products of activations near 1e-19 and cotangents
+  near 1e19 (a moderate gradient) would otherwise underflow to 0 or
+  overflow; the scaling is exact. A side with a one-hot factor (0 or 1,
+  paired with the dense ones in the cross terms of tied uses) keeps its
+  scale."""
+  out = [list(pair) for pair in factors]
+  exponent = jnp.zeros((), jnp.int32)
+  for side in (0, 1):
+    if any(isinstance(pair[side], Index) for pair in factors):
+      continue
+    dense = list(range(len(factors)))
+    peak = jnp.max(
+      jnp.stack([jnp.max(jnp.abs(factors[i][side].astype(jnp.float32))) for i in dense])
+    )
+    e = jnp.clip(_exponent_of(peak), -126, 126)
+    scale = _power_of_two(-e)
+    for i in dense:
+      out[i][side] = factors[i][side].astype(jnp.float32) * scale
+    exponent = exponent + e
+  return [(a, b) for a, b in out], exponent
+
+
+def _exponent_of(x: jax.Array) -> jax.Array:
+  """The binary exponent of a float32 ``x >= 0`` (read from its bits, as
+  `jnp.frexp` drops shardings), 0 for 0, inf or NaN."""
+  e = (lax.bitcast_convert_type(x, jnp.int32) >> 23) - 127
+  return jnp.where((x > 0) & jnp.isfinite(x), e, 0)
+
+
+def _power_of_two(e: jax.Array) -> jax.Array:
+  """``2.0**e`` in float32 for an integer ``-126 <= e <= 127``, exactly."""
+  return lax.bitcast_convert_type((e + 127) << 23, jnp.float32)

@@ -33,6 +33,17 @@ def test_noisy_mean_noise_has_the_dp_sgd_standard_deviation():
   assert not np.allclose(out["b"], other["b"])
 
 
+def test_noisy_mean_noises_complex_leaves_on_both_parts():
+  # A complex sum was released as it was: no noise, not divided.
+  sums = {"z": jnp.full(100_000, 10 + 20j, jnp.complex64)}
+  out = jax.jit(jaxclip.noisy_mean)(sums, 0.5, 1.5, 10, key=KEY)["z"]
+  assert out.dtype == jnp.complex64
+  for part, mean in ((out.real, 1.0), (out.imag, 2.0)):
+    assert abs(float(jnp.std(part)) - 0.075) < 0.075 * 0.02
+    assert abs(float(jnp.mean(part)) - mean) < 0.075 * 0.02
+  assert abs(float(jnp.corrcoef(out.real, out.imag)[0, 1])) < 0.02  # independent parts
+
+
 def test_noisy_mean_takes_traced_arguments_and_validates_concrete_ones():
   fn = jax.jit(lambda s, c, z, n, k: jaxclip.noisy_mean(s, c, z, n, key=k))
   out = fn({"w": jnp.ones(3)}, 1.0, 0.0, 2.0, KEY)

@@ -302,6 +302,58 @@ def test_nonfinite_examples_contribute_zero_and_are_counted():
     _assert_trees_close(grads, want, 1e-6)
 
 
+def _clipped_both_ways(loss, params, batch, clip):
+  """(summed gradient, norms) of ghost and vmap clipping, and the norms of
+  JAX's own per-example gradients, in float64."""
+  out = {
+    m: jax.jit(jaxclip.clipped_grad(loss, clip, method=m))(params, batch) for m in ("ghost", "vmap")
+  }
+  grads = jax.vmap(
+    jax.grad(lambda p, b: loss(p, jax.tree.map(lambda x: x[None], b))[0]), (None, 0)
+  )(params, batch)
+  flat = np.concatenate(
+    [np.asarray(g, np.float64).reshape(g.shape[0], -1) for g in jax.tree.leaves(grads)], 1
+  )
+  return out, np.linalg.norm(flat, axis=1)
+
+
+def test_an_out_of_range_index_gets_the_gradient_jax_gives_it():
+  # `E[ids]` gathers in PROMISE_IN_BOUNDS mode: the forward pass clamps an
+  # out-of-range id, but the gradient's scatter drops its row. The norm must
+  # be that of the gradient summed (it counted the clamped row: norm 0 and
+  # a contribution of 20 for a clip norm of 1).
+  params = {"e": jnp.zeros((11, 4))}
+
+  def loss(p, b):
+    rows = p["e"][b["ids"]]
+    return rows[:, 0] @ jnp.full(4, 10.0) - rows[:, 1] @ jnp.full(4, 10.0)
+
+  batch = {"ids": jnp.array([[10, 11], [3, 10], [-1, 12]])}
+  out, want = _clipped_both_ways(loss, params, batch, 1.0)
+  for method, (grads, info) in out.items():
+    np.testing.assert_allclose(info.norms, want, rtol=1e-6, err_msg=method)
+    assert float(jnp.linalg.norm(grads["e"])) <= 3.0 * (1 + 1e-6)
+  _assert_trees_close(out["ghost"][0], out["vmap"][0], 1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e-19, 1e20])
+def test_ghost_norms_of_unbalanced_factors(scale):
+  # Activations of `scale` and cotangents of 1 / `scale`: the gradient is
+  # moderate, but the Gram products of the factors taken alone underflow or
+  # overflow float32 (the norm was 0, unclipped, or NaN, dropped).
+  x = jnp.array([[[1.0, 1.0, 1.0, 1.0], [1.0, -1.0, 1.0, -1.0]]] * 2)
+
+  def loss(p, b):
+    return jnp.sum(jnp.tanh((b["x"] * b["a"]) @ p["w"] * b["c"]), (1, 2))
+
+  batch = {"x": x, "a": jnp.array([scale, 1.0]), "c": jnp.array([1 / scale, 1.0])}
+  out, want = _clipped_both_ways(loss, {"w": jnp.eye(4)}, batch, 0.5)
+  for method, (_, info) in out.items():
+    np.testing.assert_allclose(info.norms, want, rtol=1e-5, err_msg=method)
+    assert int(info.num_clipped) == 2 and int(info.num_nonfinite) == 0
+  _assert_trees_close(out["ghost"][0], out["vmap"][0], 1e-5)
+
+
 def test_has_aux_returns_per_example_aux():
   w = jax.random.normal(KEY, (3, 2))
   x = jax.random.normal(KEY, (4, 3))
