@@ -160,7 +160,8 @@ def autoclip(
 class AdaGCState(NamedTuple):
   """State of `adagc`: per-tensor EMAs of the clipped norms.
 
-  Vectors have one entry per floating leaf, in `jax.tree.leaves` order.
+  Vectors have one entry per floating leaf, in `jax.tree.leaves` order
+  (per layer with `layer_axes`, as `PerTensorClipState` says).
 
   Attributes:
     count: Number of updates processed (int32).

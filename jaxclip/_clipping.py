@@ -73,7 +73,10 @@ class PerTensorClipState(NamedTuple):
 
   `norm`, `scale` and `clipped` are vectors with one entry per floating leaf
   of the updates, in the order of `jax.tree.leaves` (integer leaves have no
-  entry). Vectors rather than trees keep the state small and fast to compile
+  entry; with `layer_axes`, a stacked leaf has one entry per layer, its
+  layers in row-major order, before the next leaf's entries: not the order
+  of the same model with unstacked layers, so read them by name with
+  `jaxclip.stats`). Vectors rather than trees keep the state small and fast to compile
   for models with thousands of tensors. When a tensor is clipped unit by unit
   (an `axis`, or AGC), its entries are its largest measurement, its smallest
   scale and whether any unit was clipped.

@@ -37,7 +37,8 @@ class RecordNormsState(NamedTuple):
     global_norm: Shape ``(num_steps,)``: the global norm of the updates at
       each recorded step (float32, float64 for float64 updates).
     norms: Shape ``(num_steps, num_tensors)``: the norm of each floating leaf,
-      in `jax.tree.leaves` order (``num_tensors`` is 0 with
+      in `jax.tree.leaves` order (per layer with `layer_axes`, as
+      `PerTensorClipState` says; ``num_tensors`` is 0 with
       ``per_tensor=False``).
   """
 
