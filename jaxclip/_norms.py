@@ -541,20 +541,30 @@ def _all_reduce(s: jax.Array, p: float, axis_name: str | None) -> jax.Array:
   return lax.pmax(s, axis_name) + lax.psum(jnp.where(jnp.isnan(s), s, 0), axis_name)
 
 
-def _needs_rescaling(sums: list[jax.Array], p: float) -> jax.Array:
+def _needs_rescaling(sums: list[jax.Array], p: float, terms: int | None) -> jax.Array:
   """Whether a power sum overflowed, is NaN or lost precision to underflow.
 
-  A sum that is not 0 but below its ladder's `accurate` bound counts (some
-  of its terms may have underflowed; a higher rung keeps them), and so does
-  an all-zero set; a sum that underflowed to exactly 0 next to larger ones
-  does not (telling it from a zero leaf would need a second pass at every
-  step). One reduction per array: a small sum is counted as inf, so that a
-  single sum tells.
+  A sum that is not 0 but small enough that its underflowed terms may
+  matter counts (a higher rung keeps them), and so does an all-zero set; a
+  sum that underflowed to exactly 0 next to larger ones does not (telling
+  it from a zero leaf would need a second pass at every step). Each of at
+  most `terms` terms (None: any number) loses less than the smallest normal
+  float, so a sum above ``terms * tiny * 2**bits`` is accurate as it is;
+  below it, and below the ladder's `accurate` bound, it is taken again. One
+  reduction per array: a small sum is counted as inf, so that a single sum
+  tells.
   """
   flagged = []
   for s in sums:
     ladder = _ladder(jnp.dtype(s.dtype), float(p))
-    small = ladder.accurate if ladder.above else jnp.finfo(s.dtype).tiny
+    info = jnp.finfo(s.dtype)
+    small = float(info.tiny)
+    if ladder.above:
+      small = ladder.accurate
+      if terms is not None:
+        small = min(
+          small, max(float(info.tiny), terms * float(info.tiny) * 2.0 ** (info.nmant + 1))
+        )
     flagged.append(jnp.sum(jnp.where((s > 0) & (s < small), jnp.inf, s)))
   total = flagged[0] if len(flagged) == 1 else jnp.sum(jnp.stack(flagged))
   return ~jnp.isfinite(total) | (total < jnp.finfo(total.dtype).tiny)
@@ -721,13 +731,14 @@ def _climbed(
   return out
 
 
-def _norm(power_sums: PowerSums, p: float) -> list[jax.Array]:
+def _norm(power_sums: PowerSums, p: float, terms: int | None = None) -> list[jax.Array]:
   """The p-norms from ``power_sums(q, scalings)``, rescaling only when needed.
 
   The common case is one pass. When a power sum is not finite, or too small
-  to be accurate, the sums are taken again with the magnitudes scaled by
-  powers of two (`_rescaled`), each norm on the rung of a `_Ladder` that its
-  sum suits, and scaled back.
+  to be accurate (given at most `terms` terms per sum; None: any number), the
+  sums are taken again with the magnitudes scaled by powers of two
+  (`_rescaled`), each norm on the rung of a `_Ladder` that its sum suits,
+  and scaled back.
   """
   sums = power_sums(p, None)
   if p == math.inf or not sums:  # A max never overflows.
@@ -737,7 +748,7 @@ def _norm(power_sums: PowerSums, p: float) -> list[jax.Array]:
     return [root(s, p) for s in sums]
   plain = lambda: [root(s, p) for s in sums]  # noqa: E731
   rescaled = lambda: _rescaled(power_sums, sums, p, ladder)  # noqa: E731
-  return cond(_needs_rescaling(sums, p), rescaled, plain)
+  return cond(_needs_rescaling(sums, p, terms), rescaled, plain)
 
 
 def cond(pred: jax.Array, true_fn: Callable, false_fn: Callable, *operands: Any) -> Any:
@@ -771,7 +782,7 @@ def tree_norm(
     parts = [_reduce(s, q, (0, *range(b + 1, s.ndim))) for s in layout.sums(q, scalings)]
     return [_all_reduce(_reduce(jnp.stack(parts), q, (0,)), q, axis_name)]
 
-  return _norm(power_sums, p)[0]
+  return _norm(power_sums, p, _terms(layout.leaves, axis_name, batch_ndim))[0]
 
 
 def _per_entry(g: _Group, lead: int, v: jax.Array) -> jax.Array:
@@ -815,7 +826,8 @@ def paired_group_norms(
       for s in layout.sums(q, own, axes_of)
     ]
 
-  flat = _norm(power_sums, p)
+  terms = [_terms(layout.leaves, axis_name) for layout in layouts]
+  flat = _norm(power_sums, p, None if None in terms else max(terms, default=0))
   return [flat[a:b] for a, b in zip(starts[:-1], starts[1:])]
 
 
@@ -840,7 +852,16 @@ def joined_norms(
     sums = _all_reduce(layout.joined_sums(q, scaling), q, axis_name)
     return [sums if sizes is None else sums / sizes]
 
-  return _norm(power_sums, p)[0]
+  # A mean's flushed terms weigh 1 / size each: as one term of a sum.
+  return _norm(power_sums, p, 1 if mean else _terms(layout.leaves, axis_name))[0]
+
+
+def _terms(leaves: Sequence[jax.Array], axis_name: str | None, batch_ndim: int = 0) -> int | None:
+  """An upper bound of the number of terms in one power sum of `leaves`
+  (per batch index), or None when the sums are combined across devices."""
+  if axis_name is not None:
+    return None
+  return max(sum(math.prod(x.shape[batch_ndim:]) for x in leaves), 1)
 
 
 def leaf_norms(layout: Layout, p: float, *, axis_name: str | None = None) -> jax.Array:

@@ -171,6 +171,23 @@ def test_a_sum_whose_squares_partly_underflow_is_rescaled(scale):
   np.testing.assert_allclose(state.norm[1], want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("scale,again", [(1e-12, False), (1e-15, False), (1e-19, True)])
+def test_small_but_accurate_sums_are_not_taken_again(monkeypatch, scale, again):
+  # A sum of 2560 terms above 2560 * tiny * 2**24 cannot have lost a bit to
+  # terms that underflowed: norms near 1e-12 * 45 or 1e-15 * 45 are accurate
+  # in one pass, and a second pass at every step would cost a read of every
+  # gradient. Near 1e-19 squares underflow, and the sum is taken again.
+  calls = []
+  rescaled = _norms._rescaled
+  monkeypatch.setattr(_norms, "_rescaled", lambda *a: calls.append(1) or rescaled(*a))
+  w = scale * np.random.default_rng(1).standard_normal((64, 32)).astype(np.float32)
+  tree = {"v": jnp.ones(512), "w": jnp.asarray(w)}
+  tx = jaxclip.clip_by_norm(1.0)
+  _, state = tx.update(tree, tx.init(tree))  # eager: the branch is picked in Python
+  assert bool(calls) == again
+  np.testing.assert_allclose(state.norm[1], np.linalg.norm(w.astype(np.float64)), rtol=1e-6)
+
+
 @pytest.mark.parametrize("ord", [1.5, 2])
 @pytest.mark.parametrize("scale", [1e-30, 1e-20, 1.0, 1e20, 1e30])
 def test_gradient_of_a_rescaled_norm(ord, scale):
