@@ -67,6 +67,8 @@ class _Call:
     self.p_static = [x if k == "s" else None for x, k in zip(p_leaves, self.p_kind)]
     self.diff = [x for x, k in zip(p_leaves, self.p_kind) if k == "d"]
     self.rest = [x for x, k in zip(p_leaves, self.p_kind) if k == "r"]
+    if not self.diff:
+      _refuse_nothing_to_differentiate(params)
     self.examples, self.b_def, self.batch_size = _batch_leaves(batch)
     a_leaves, self.a_def = jax.tree.flatten(args)
     self.a_static = [None if _is_array(x) else x for x in a_leaves]
@@ -90,6 +92,27 @@ class _Call:
     losses, aux = _split_output(out, self.has_aux)
     _check_losses(losses, self.batch_size)
     return losses[0], aux
+
+
+def _refuse_nothing_to_differentiate(params: Any) -> None:
+  """A ValueError for `params` without a floating-point array: every
+  gradient would be None and every norm 0, the model silently untrained."""
+  numbers = [
+    jax.tree_util.keystr(path)
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+    if isinstance(x, float | complex) and not isinstance(x, bool)
+  ]
+  hint = (
+    f" Python numbers are held fixed, not differentiated ({', '.join(numbers[:5])}"
+    f"{', ...' if len(numbers) > 5 else ''}): pass them as arrays, e.g."
+    " `jax.tree.map(jnp.asarray, params)`."
+    if numbers
+    else ""
+  )
+  raise ValueError(
+    "`params` holds no floating-point array to differentiate, so every gradient would be"
+    f" None and every per-example norm 0.{hint}"
+  )
 
 
 def _batch_leaves(batch: Any) -> tuple[list, Any, int]:
@@ -292,7 +315,8 @@ def clipped_grad(
       of shape ``[B]`` (``(losses, aux)`` with `has_aux`). Its floating-point
       array leaves of `params` are differentiated; other leaves (integer
       arrays, Python objects such as an Equinox module's activation) are
-      held fixed and get None in the result. Every leaf of `batch` must have
+      held fixed and get None in the result (Python numbers too, unless
+      `jax.jit` has made them arrays). Every leaf of `batch` must have
       the examples on axis 0; `*args` are shared by all examples.
     l2_norm_clip: Largest L2 norm of one example's gradient (>= 0); may be a
       traced array.
@@ -309,7 +333,8 @@ def clipped_grad(
 
   Raises:
     ValueError: For an unknown `method`, a negative or NaN concrete
-      `l2_norm_clip`, losses not of shape ``[B]``, batch leaves with
+      `l2_norm_clip`, `params` without a floating-point array (every
+      gradient would be None), losses not of shape ``[B]``, batch leaves with
       different leading axes, or (``method="ghost"``) a parameter that
       cannot be ghost-clipped.
     TypeError: For a `loss_fn` that is not callable, or whose output does

@@ -399,6 +399,28 @@ def test_args_fixed_leaves_and_unused_parameters():
     assert grads["step"] is None and grads["name"] is None
 
 
+def test_python_numbers_in_params_are_held_fixed_and_alone_refused():
+  """Python floats are not differentiated (as with `equinox.filter_grad`);
+  params made of them alone would train nothing, silently: an error."""
+
+  def loss(p, x):
+    return p["w"] * x + p["b"]
+
+  x = jnp.array([10.0, 20.0, 30.0])
+  fn = jaxclip.clipped_grad(loss, 1e6)
+  grads, info = fn({"w": jnp.float32(2.5), "b": 1.0}, x)  # under eqx.filter_jit alike
+  np.testing.assert_allclose(grads["w"], 60.0)
+  assert grads["b"] is None
+  np.testing.assert_allclose(info.norms, [10.0, 20.0, 30.0])
+  # `jax.jit` turns every argument into an array: then `b` is differentiated.
+  grads, _ = jax.jit(fn)({"w": jnp.float32(2.5), "b": 1.0}, x)
+  np.testing.assert_allclose(grads["b"], 3.0)
+  with pytest.raises(ValueError, match=r"(?s)no floating-point array.*\['b'\], \['w'\].*asarray"):
+    jaxclip.clipped_grad(loss, 1.0)({"w": 2.5, "b": 1.0}, x)
+  with pytest.raises(ValueError, match="no floating-point array"):
+    jaxclip.clipped_grad(loss, 1.0, method="ghost")({"w": jnp.int32(2), "b": jnp.int32(1)}, x)
+
+
 def test_mixing_examples_shows_in_losses():
   """Each example is computed alone: a mean over the batch sees one example."""
 
