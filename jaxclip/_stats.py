@@ -213,7 +213,7 @@ def stats(
     >>> opt = optax.chain(jaxclip.clip_by_global_norm(1.0), optax.sgd(0.1))
     >>> g = {"w": jnp.array([3.0, 4.0])}
     >>> _, state = opt.update(g, opt.init(g), g)
-    >>> {k: float(v) for k, v in jaxclip.stats(state).items()}
+    >>> {k: round(float(v), 4) for k, v in jaxclip.stats(state).items()}
     {'clip/clipped': 1.0, 'clip/count': 1.0, 'clip/global_norm': 5.0, 'clip/scale': 0.2, 'clip/threshold': 1.0}
   """
   found = find_records(as_optimizer_state(opt_state))
