@@ -19,6 +19,7 @@ the step `count`; every state leaf keeps the dtype `init` gave it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -172,7 +173,9 @@ def per_tensor_clipper(
       dtype = jnp.result_type(dtype, state.norm.dtype)
     if unitwise:
       measured = [m.astype(dtype) for m in measured]
-      per_tensor = layout.vector(layout.reduce_entries(_norms.keeping_nan(jnp.max), measured))
+      # A leaf with no units (shape (3, 0)) measures 0 and is never clipped.
+      largest = functools.partial(_norms.keeping_nan(jnp.max), initial=0)
+      per_tensor = layout.vector(layout.reduce_entries(largest, measured))
     else:
       per_tensor = layout.in_leaf_order(measured.astype(dtype))
     threshold, fields = decide(per_tensor, state, count, extra_args)
@@ -208,7 +211,8 @@ def _unit_scales(
   group_threshold = layout.groupwise(threshold) if threshold.ndim else [threshold] * len(measured)
   pairs = [_base.clip_scale(m, t) for m, t in zip(measured, group_threshold)]
   scales = [s for s, _ in pairs]
-  smallest = layout.vector(layout.reduce_entries(_norms.keeping_nan(jnp.min), scales))
+  smallest_of = functools.partial(_norms.keeping_nan(jnp.min), initial=1)
+  smallest = layout.vector(layout.reduce_entries(smallest_of, scales))
   clipped = layout.vector(layout.reduce_entries(jnp.any, [c for _, c in pairs]))
   return layout.per_leaf(scales), smallest, clipped
 

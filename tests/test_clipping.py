@@ -169,6 +169,19 @@ class TestClipByNorm:
     np.testing.assert_allclose(state.norm, [5.0], rtol=1e-6)
     np.testing.assert_allclose(state.scale, [0.2], rtol=1e-6)
 
+  @pytest.mark.parametrize("axis", [0, -1, (0, 1)])
+  def test_axis_with_a_leaf_of_no_units(self, axis):
+    g = {"w": jnp.array([[3.0, 0.3], [4.0, 0.4]]), "e": jnp.zeros((3, 0)), "f": jnp.zeros((0, 2))}
+    tx = jaxclip.clip_by_norm(1.0, axis=axis)
+    want, _ = _update(jaxclip.clip_by_norm(1.0, axis=axis), {"w": g["w"]})
+    for update in (tx.update, jax.jit(tx.update)):
+      out, state = update(g, tx.init(g))
+      np.testing.assert_allclose(out["w"], want["w"], rtol=1e-6)
+      assert out["e"].shape == (3, 0) and out["f"].shape == (0, 2)
+      np.testing.assert_array_equal(state.norm[:2], 0)  # leaves e, f (sorted keys)
+      np.testing.assert_array_equal(state.scale[:2], 1)
+      assert not state.clipped[:2].any()
+
   def test_axis_out_of_range(self):
     with pytest.raises(ValueError, match="axis=2"):
       _update(jaxclip.clip_by_norm(1.0, axis=2), {"a": jnp.ones((2, 2))})

@@ -200,6 +200,25 @@ def test_zero_gradients_give_zero_updates(name):
 
 
 @pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_empty_leaves_pass_through_and_change_nothing_else(name):
+  # Leaves with no entries (also with no units along an axis: (3, 0)) are
+  # carried through, as optax does, and leave the other leaves' updates as
+  # they are without them.
+  make, _, needs_params, *_ = TRANSFORMS[name]
+  full = {"w": 3.0 * jnp.arange(-3.0, 3.0).reshape(2, 3)}
+  empty = {"e1": jnp.zeros((3, 0)), "e2": jnp.zeros((0,)), "e3": jnp.zeros((2, 0, 3))}
+  results = []
+  for g in (full, {**full, **empty}):
+    tx, params = make(), _params_for(g)
+    for update in (tx.update, jax.jit(tx.update)):
+      out, _ = update(g, tx.init(params), params if needs_params else None)
+      assert all(out[k].shape == g[k].shape for k in g)
+      results.append(out["w"])
+  for r in results[1:]:
+    np.testing.assert_allclose(r, results[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
 def test_can_be_built_inside_jit(name):
   # Factories called while a jit traces (e.g. an optimizer built in a step)
   # validate their concrete arguments without converting tracers to bool.
