@@ -259,7 +259,10 @@ def _spam_leaf(x, v, theta, active, b, c):
   if jnp.iscomplexobj(g):
     mag = jnp.abs(g)
     over = finite & (mag > bound)
-    out = jnp.where(over, g * (bound / jnp.where(over, mag, 1)), g)
+    # Where not over, the bound may be inf: the factor is 1 there, so that
+    # no inf reaches the gradient through the discarded branch.
+    factor = jnp.where(over, bound, 1) / jnp.where(over, mag, 1)
+    out = jnp.where(over, g * factor, g)
   else:
     out = jnp.where(finite, jnp.clip(g, -bound, bound), g)
   out = out.astype(x.dtype)

@@ -210,7 +210,11 @@ def _adagn(out, layout, state, finite, hparams):
   v = jnp.where(
     finite, jnp.asarray(gamma2, dtype) * state.norm_sq_ema + c2 * l2 * l2, state.norm_sq_ema
   )
-  target = (m / debias(c1, steps)) / (jnp.sqrt(v / debias(c2, steps)) + jnp.asarray(eps, dtype))
+  v_hat = v / debias(c2, steps)
+  # sqrt(0) has an infinite derivative: a zero norm (its factor unused)
+  # would give a NaN gradient through the discarded branch.
+  rms = jnp.where(v_hat > 0, jnp.sqrt(jnp.where(v_hat > 0, v_hat, 1)), 0)
+  target = (m / debias(c1, steps)) / (rms + jnp.asarray(eps, dtype))
   use = finite & (l2 > 0)
   factor = jnp.where(use, target / jnp.where(use, l2, 1), 1).astype(dtype)
   out = [_base.scale_leaf(y, f) for y, f in zip(out, _per_leaf(layout, factor))]

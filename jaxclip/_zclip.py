@@ -173,8 +173,12 @@ def zclip(
       return bound, norm > bound, z
     if clip_option == "mean":
       return mean, z > zt, z
-    bound = (mean + zt * std / (z / zt)) * jnp.asarray(clip_factor, norm.dtype)
-    return bound, z > zt, z
+    spike = z > zt
+    # The bound is used only on a spike; elsewhere z may be 0, and its 0/0
+    # would make a NaN gradient through the discarded branch.
+    z_spike = jnp.where(spike, z, zt)
+    bound = (mean + zt * std / (z_spike / zt)) * jnp.asarray(clip_factor, norm.dtype)
+    return bound, spike, z
 
   def decide(norm, state, count, extra_args):
     dtype = norm.dtype

@@ -219,6 +219,35 @@ def test_empty_leaves_pass_through_and_change_nothing_else(name):
 
 
 @pytest.mark.parametrize("name", sorted(TRANSFORMS))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.complex64])
+def test_gradient_through_update_is_finite(name, dtype):
+  # At zero gradients (first step) and at a gradient repeated after a few
+  # steps (an adaptive rule then sees a norm equal to its running mean).
+  make, _, needs_params, *_ = TRANSFORMS[name]
+  if dtype == jnp.complex64 and name in ("clip", "clip_by_value"):
+    pytest.skip("element-wise bounds are real (optax.clip raises too)")
+  tx = make()
+  g = {"w": jnp.array([[0.3, -0.4], [0.2, 0.1]], dtype), "b": jnp.array([0.5, -0.5], dtype)}
+  params = _params_for(g) if needs_params else None
+
+  def total(grads, state):
+    out = tx.update(grads, state, params)[0]
+    return sum(jnp.real(jnp.sum(x)) for x in jax.tree.leaves(out))
+
+  state = tx.init(_params_for(g))
+  zeros = jax.tree.map(jnp.zeros_like, g)
+  step, grad_of = jax.jit(tx.update), jax.jit(jax.grad(total))
+  states = [state]
+  for _ in range(4):
+    state = step(g, state, params)[1]
+  states.append(state)
+  for s in states:
+    for at in (zeros, g):
+      for leaf in jax.tree.leaves(grad_of(at, s)):
+        assert bool(jnp.all(jnp.isfinite(leaf))), (name, leaf)
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
 def test_can_be_built_inside_jit(name):
   # Factories called while a jit traces (e.g. an optimizer built in a step)
   # validate their concrete arguments without converting tracers to bool.
