@@ -275,6 +275,7 @@ def _balanced(
   overflow; the scaling is exact. A side with a one-hot factor (0 or 1,
   paired with the dense ones in the cross terms of tied uses) keeps its
   scale."""
+  factors = [_positionwise(a, b) for a, b in factors]
   out = [list(pair) for pair in factors]
   exponent = jnp.zeros((), jnp.int32)
   for side in (0, 1):
@@ -290,6 +291,25 @@ def _balanced(
       out[i][side] = factors[i][side].astype(jnp.float32) * scale
     exponent = exponent + e
   return [(a, b) for a, b in out], exponent
+
+
+def _positionwise(a: Factor, b: Factor) -> tuple[Factor, Factor]:
+  """Dense factors balanced position by position: ``a_t`` and ``b_t`` scaled
+  by ``2**-k_t`` and ``2**k_t`` so that their largest magnitudes meet
+  halfway, which leaves every term ``<a_t, a_s> <b_t, b_s>`` as it is. A
+  position whose other factor is zero adds nothing and is zeroed (unless not
+  finite: the gradient is then NaN too). Without this, one position far
+  larger than the others (a padding value of 1e21 whose cotangent is 0) sets
+  the side's scale and the others' products underflow."""
+  if isinstance(a, Index) or isinstance(b, Index):
+    return a, b
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  peak_a = jnp.max(jnp.abs(a), axis=-1, keepdims=True)
+  peak_b = jnp.max(jnp.abs(b), axis=-1, keepdims=True)
+  k = jnp.clip((_exponent_of(peak_a) - _exponent_of(peak_b)) >> 1, -126, 126)
+  a = jnp.where((peak_b == 0) & jnp.isfinite(peak_a), 0, a * _power_of_two(-k))
+  b = jnp.where((peak_a == 0) & jnp.isfinite(peak_b), 0, b * _power_of_two(k))
+  return a, b
 
 
 def _exponent_of(x: jax.Array) -> jax.Array:

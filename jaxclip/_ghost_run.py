@@ -47,6 +47,10 @@ class GhostPass:
       k for k, r in enumerate(op.ins) if not isinstance(r, Lit) and k not in self.views[index]
     ]
 
+  def _literals(self, index: int) -> dict[int, Any]:
+    """The literal inputs of op `index` (a constant start of a slice)."""
+    return {k: r.val for k, r in enumerate(self.prog.ops[index].ins) if isinstance(r, Lit)}
+
   def _view_values(self, index: int, diff: list[Any]) -> dict[int, Any]:
     return {
       pos: apply_chain(self.prog, u.view.chain, diff[u.view.param])
@@ -85,7 +89,7 @@ class GhostPass:
         continue
       factors = []
       for u, geom, flip in zip(p.uses, p.geoms, p.swapped):
-        inputs = {**saved[u.op], **self._view_values(u.op, diff)}
+        inputs = {**self._literals(u.op), **saved[u.op], **self._view_values(u.op, diff)}
         a, b = geom.factors(inputs, cots[u.op])
         factors.append((b, a) if flip else (a, b))
       total = total + _ghost_norms.squared_norm(factors, list(p.sizes), p.ghost)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 import jaxclip
 
@@ -352,6 +353,57 @@ def test_ghost_norms_of_unbalanced_factors(scale):
     np.testing.assert_allclose(info.norms, want, rtol=1e-5, err_msg=method)
     assert int(info.num_clipped) == 2 and int(info.num_nonfinite) == 0
   _assert_trees_close(out["ghost"][0], out["vmap"][0], 1e-5)
+
+
+def test_one_huge_position_does_not_flush_the_others():
+  # Position 0 holds activations of 1e21 (padding) with a zero cotangent,
+  # or activations of 1e21 with cotangents of 1e-21: scaling each side by its
+  # largest entry alone flushed the other positions' products to 0 (norm 0,
+  # unclipped).
+  x = jnp.array([[[1e21, 1e21, 1e21, 1e21], [1.0, 2.0, 0.0, 1.0], [3.0, -1.0, 1.0, 0.0]]] * 2)
+
+  def loss(p, b):
+    y = b["x"] @ p["w"]
+    weight = jnp.array([0.0, 1.0, 1.0])[:, None] + b["c"] * jnp.array([1.0, 0.0, 0.0])[:, None]
+    return jnp.sum(y * weight, (1, 2))
+
+  batch = {"x": x, "c": jnp.array([0.0, 1e-21])}
+  out, want = _clipped_both_ways(loss, {"w": jnp.eye(4)}, batch, 1.0)  # T**2 < K**2: ghost
+  assert want.min() > 1
+  for method, (grads, info) in out.items():
+    np.testing.assert_allclose(info.norms, want, rtol=1e-5, err_msg=method)
+    assert int(info.num_clipped) == 2
+    assert float(jnp.linalg.norm(grads["w"])) <= 2.0 * (1 + 1e-5)
+
+
+def test_a_slice_at_a_constant_start_is_a_lookup():
+  table = jnp.arange(12.0).reshape(4, 3) / 10
+
+  def loss(p, b):
+    row = lax.dynamic_slice(p["e"], (2, 0), (1, 3))  # a literal start
+    return jnp.sum((row * b) ** 2, (1, 2))
+
+  out, want = _clipped_both_ways(loss, {"e": table}, jnp.ones((2, 1, 3)), 0.1)
+  for method, (_, info) in out.items():
+    np.testing.assert_allclose(info.norms, want, rtol=1e-6, err_msg=method)
+  _assert_trees_close(out["ghost"][0], out["vmap"][0], 1e-6)
+
+
+def test_a_real_weight_on_complex_activations_is_not_ghost_clipped():
+  w = jnp.eye(2)
+  x = jnp.array([[[1j, 0.0], [0.0, 1j]], [[1.0, 1j], [2j, 0.0]]], jnp.complex64)
+
+  def loss(p, b):
+    return jnp.sum(jnp.abs(b @ p["w"]) ** 2, (1, 2))
+
+  with pytest.raises(ValueError, match=r"params\['w'\]: its use by `dot_general` is complex"):
+    jax.jit(jaxclip.clipped_grad(loss, 1.0, method="ghost"))({"w": w}, x)
+  grads = jax.vmap(jax.grad(lambda p, b: loss(p, b[None])[0]), (None, 0))({"w": w}, x)["w"]
+  want = np.linalg.norm(np.asarray(grads).reshape(2, -1), axis=1)
+  for method in ("auto", "vmap"):
+    got, info = jax.jit(jaxclip.clipped_grad(loss, 1.0, method=method))({"w": w}, x)
+    np.testing.assert_allclose(info.norms, want, rtol=1e-6, err_msg=method)
+    assert float(jnp.linalg.norm(got["w"])) <= 2.0 * (1 + 1e-6)
 
 
 def test_has_aux_returns_per_example_aux():
