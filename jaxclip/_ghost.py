@@ -217,8 +217,8 @@ def _ghost_run(
   def run(examples: list) -> tuple[list, _Stats]:
     others = [*call.rest, *examples, *call.extra]
     out = jax.vmap(gp.example, in_axes=(None, axes))(call.diff, others)
-    loss, aux, saved, cots, grads, squared = out
-    norms = gp.norms(squared, grads)
+    loss, aux, saved, cots, grads = out
+    norms = gp.norms(gp.squared_norms(call.diff, saved, cots, loss.shape[0]), grads)
     scale, clipped, bad = _weights(loss, norms, l2_norm_clip)
     sums = gp.sums(call.diff, saved, cots, grads, scale)
     return sums, _Stats(loss, norms, clipped, bad, aux)

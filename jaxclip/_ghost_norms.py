@@ -23,6 +23,7 @@ the use's input values and output cotangent, for one example, into
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -246,14 +247,20 @@ def use_ghost(sizes: Sequence[tuple[int, int, int, int]]) -> bool:
   return h * positions * positions <= h * ka * kb
 
 
-def squared_norm(factors: list[tuple[Factor, Factor]], sizes: list, ghost: bool) -> jax.Array:
+def squared_norm(
+  factors: list[tuple[Factor, Factor]], sizes: list, ghost: bool, *, balance: bool = False
+) -> jax.Array:
   """The squared norm of one example's gradient of a parameter, the sum
-  over its uses of the factors given (oriented alike), in float32."""
+  over its uses of the factors given (oriented alike), in float32; with
+  `balance`, ghost norms from balanced factors (exact for any factors, at
+  the price of scaled copies of them; see `in_range`)."""
   if not ghost:
     _, _, ka, kb = sizes[0]
     total = sum(_materialized(a, b, ka, kb) for a, b in factors)
     return jnp.sum(jnp.square(total))
-  factors, exponent = _balanced(factors)
+  exponent = jnp.zeros((), jnp.int32)
+  if balance:
+    factors, exponent = _balanced(factors)
   out = jnp.zeros((), jnp.float32)
   for i, (a, b) in enumerate(factors):
     for j in range(i, len(factors)):
@@ -262,6 +269,39 @@ def squared_norm(factors: list[tuple[Factor, Factor]], sizes: list, ghost: bool)
       out = out + (term if i == j else 2 * term)
   back = _power_of_two(jnp.clip(exponent, -126, 127))
   return out * back * back
+
+
+# The Gram products of factors in range stay below 2**_GRAM_MAX and, for the
+# largest entries, above 2**-_GRAM_MIN (float32 normals reach 2**-126).
+_GRAM_MAX, _GRAM_MIN = 120, 100
+
+
+def in_range(factors: list[tuple[Factor, Factor]]) -> jax.Array:
+  """Whether the ghost norm of `factors` taken as they are is exact: every
+  product of their Gram matrices below the float32 range, and none of the
+  largest flushed to zero. Each side (its magnitudes below ``2**e``, rows of
+  at most K entries) has Gram entries below ``2**(2e + log2 K)``; the
+  ``T**2`` terms of a norm sum products of two such entries. Factors out of
+  range (a padding activation of 1e21, activations of 1e-19 with cotangents
+  of 1e19) need `_balanced`."""
+  positions = sum(_num_positions(a) for a, _ in factors)
+  bound = []
+  for side in (0, 1):
+    dense = [pair[side] for pair in factors if not isinstance(pair[side], Index)]
+    if not dense:  # one-hot rows: entries 0 or 1, one 1 per position
+      bound.append((jnp.int32(1), 0.0))
+      continue
+    peak = jnp.max(jnp.stack([jnp.max(jnp.abs(x.astype(jnp.float32))) for x in dense]))
+    bound.append((_exponent_of(peak) + 1, math.log2(max(x.shape[-1] for x in dense))))
+  (ea, ka), (eb, kb) = bound
+  gram_a, gram_b = 2 * ea + ka, 2 * eb + kb
+  terms = 2 * math.log2(max(positions, 1))
+  fits = (gram_a <= _GRAM_MAX) & (gram_b <= _GRAM_MAX) & (gram_a + gram_b + terms <= _GRAM_MAX)
+  return fits & (2 * ea >= -_GRAM_MIN) & (2 * eb >= -_GRAM_MIN) & (2 * (ea + eb) >= -_GRAM_MIN)
+
+
+def _num_positions(x: Factor) -> int:
+  return x.ids.shape[0] if isinstance(x, Index) else x.shape[1]
 
 
 def _balanced(

@@ -58,8 +58,8 @@ class GhostPass:
     }
 
   def example(self, diff: list[Any], others: list[Any]) -> tuple:
-    """One example: loss, aux, saved inputs, op cotangents, gradients of
-    the perturbed parameters, squared ghost norm."""
+    """One example: loss, aux, saved inputs, op cotangents and gradients of
+    the perturbed parameters."""
     inputs = [*diff, *others]
     avals = {i: self.prog.ops[i].out_avals[0] for i in self.ops}
     taps0 = {i: jnp.zeros(a.shape, a.dtype) for i, a in avals.items()}
@@ -72,18 +72,40 @@ class GhostPass:
 
     _, vjp_fn, (loss, aux, saved) = jax.vjp(f, taps0, z0, has_aux=True)
     cots, grads = vjp_fn(jnp.ones_like(loss))
-    squared = self._squared_norm(diff, saved, cots)
-    # An example whose loss or gradient is not finite gets a clipping factor
-    # of 0, but 0 * inf is NaN: its cotangents are zeroed here, where they
-    # are made (its activations are zeroed in `_weighted`).
-    finite = jnp.isfinite(loss) & jnp.isfinite(squared)
-    for g in grads.values():
-      finite &= jnp.all(jnp.isfinite(g))
-    cots = jax.tree.map(lambda v: _zero_unless(finite, v), cots)
-    return loss, aux, saved, cots, grads, squared
+    return loss, aux, saved, cots, grads
 
-  def _squared_norm(self, diff: list[Any], saved: dict, cots: dict) -> jax.Array:
-    total = jnp.zeros((), jnp.float32)
+  def squared_norms(self, diff: list[Any], saved: dict, cots: dict, size: int) -> jax.Array:
+    """Per example (`size` of them, batched `saved` and `cots`), the squared
+    norm of the ghost-clipped parameters' gradient.
+
+    On one device, taken from the factors as they are; only when some
+    example's factors are out of the range where that is exact
+    (`_ghost_norms.in_range`) are its norms taken again, one example at a
+    time, from balanced factors: scaled copies of every example's factors at
+    once would take as much memory as the activations. Where the batch may be
+    split over devices, a pass one example at a time would gather it, so
+    every norm is taken from balanced factors."""
+    if not any(p.kind == "ghost" for p in self.plan):
+      return jnp.zeros((size,), jnp.float32)
+
+    def norms(balance: bool) -> tuple[jax.Array, jax.Array]:
+      return jax.vmap(lambda s, c: self._squared_norm(diff, s, c, balance=balance))(saved, cots)
+
+    if not _norms.one_device():
+      return norms(balance=True)[0]
+    squared, ok = norms(balance=False)
+
+    def balanced() -> jax.Array:
+      again = jax.lax.map(lambda sc: self._squared_norm(diff, *sc, balance=True)[0], (saved, cots))
+      return jnp.where(ok, squared, again)
+
+    return _norms.cond(jnp.all(ok), lambda: squared, balanced)
+
+  def _squared_norm(
+    self, diff: list[Any], saved: dict, cots: dict, *, balance: bool
+  ) -> tuple[jax.Array, jax.Array]:
+    """One example's squared norm, and whether its factors are in range."""
+    total, ok = jnp.zeros((), jnp.float32), jnp.ones((), bool)
     for p in self.plan:
       if p.kind != "ghost":
         continue
@@ -92,8 +114,11 @@ class GhostPass:
         inputs = {**self._literals(u.op), **saved[u.op], **self._view_values(u.op, diff)}
         a, b = geom.factors(inputs, cots[u.op])
         factors.append((b, a) if flip else (a, b))
-      total = total + _ghost_norms.squared_norm(factors, list(p.sizes), p.ghost)
-    return total
+      sizes = list(p.sizes)
+      total = total + _ghost_norms.squared_norm(factors, sizes, p.ghost, balance=balance)
+      if p.ghost and not balance:
+        ok &= _ghost_norms.in_range(factors)
+    return total, ok
 
   def norms(self, squared: jax.Array, grads: dict[int, jax.Array]) -> jax.Array:
     """Per example, the global norm of the ghost and the perturbed parts."""
@@ -129,6 +154,8 @@ class GhostPass:
     floating saved input (the activation of a dense or conv op): the factors
     go into that copy; otherwise (lookups) into the cotangents."""
     dropped = scale == 0
+    # 0 * inf is NaN: a dropped example's cotangents are zeroed too.
+    g = _zero_dropped(g, dropped)
     floating = [k for k, v in saved.items() if _norms.is_inexact(v)]
     linear = self.prog.ops[index].prim.name in ("dot_general", "conv_general_dilated")
     if linear and len(floating) == 1:
@@ -176,13 +203,6 @@ def _zero_dropped(x: jax.Array, dropped: jax.Array) -> jax.Array:
   if not _norms.is_inexact(x):
     return x
   return jnp.where(_batch_mask(dropped, x), jnp.zeros((), x.dtype), x)
-
-
-def _zero_unless(finite: jax.Array, x: jax.Array) -> jax.Array:
-  """`x` (floating), or zeros where `finite` is False (for one example)."""
-  if not _norms.is_inexact(x):
-    return x
-  return jnp.where(finite, x, jnp.zeros((), x.dtype))
 
 
 def _scaled(g: jax.Array, scale: jax.Array) -> jax.Array:

@@ -148,7 +148,7 @@ def keeping_nan(reduce: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
 
 
 @functools.cache
-def _one_device() -> bool:
+def one_device() -> bool:
   """Whether this runtime has a single device (and process): no reduction can
   then span devices. Asked at trace time, once the backends are up."""
   if jax.process_count() != 1 or jax.device_count() != 1:
@@ -175,7 +175,7 @@ def _max_magnitude(v: jax.Array, axis: Axes | None, keepdims: bool = False) -> j
   one CPU device), so it is left out there.
   """
   out = jnp.max(jnp.abs(v), axis=axis, keepdims=keepdims, initial=0)
-  if not jnp.issubdtype(v.dtype, jnp.inexact) or _one_device():
+  if not jnp.issubdtype(v.dtype, jnp.inexact) or one_device():
     return out
   flag = jnp.sum(v - v, axis=axis, keepdims=keepdims)
   return jnp.where(jnp.isinf(out), out, out + flag)
