@@ -95,12 +95,14 @@ class _Call:
 
 
 def _refuse_nothing_to_differentiate(params: Any) -> None:
-  """A ValueError for `params` without a floating-point array: every
-  gradient would be None and every norm 0, the model silently untrained."""
+  """Raises a ValueError for `params` without a floating-point array.
+
+  Every gradient would be None and every norm 0: the model silently
+  untrained."""
   numbers = [
     jax.tree_util.keystr(path)
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
-    if isinstance(x, float | complex) and not isinstance(x, bool)
+    if isinstance(x, float | complex)
   ]
   hint = (
     f" Python numbers are held fixed, not differentiated ({', '.join(numbers[:5])}"

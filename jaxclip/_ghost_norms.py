@@ -307,28 +307,25 @@ def _num_positions(x: Factor) -> int:
 def _balanced(
   factors: list[tuple[Factor, Factor]],
 ) -> tuple[list[tuple[Factor, Factor]], jax.Array]:
-  """The factors with the dense ones of each side scaled by one power of two
-  that brings their largest magnitude near 1, and the sum ``e`` of the two
-  exponents: the squared norm of the scaled factors times ``2**(2e)`` is the
-  squared norm. The Gram products of activations near 1e-19 and cotangents
-  near 1e19 (a moderate gradient) would otherwise underflow to 0 or
-  overflow; the scaling is exact. A side with a one-hot factor (0 or 1,
-  paired with the dense ones in the cross terms of tied uses) keeps its
-  scale."""
+  """The factors balanced position by position (`_positionwise`), then the
+  dense ones of each side scaled by one power of two that brings their
+  largest magnitude near 1, and the sum ``e`` of the two side exponents: the
+  squared norm of the scaled factors times ``2**(2e)`` is the squared norm.
+  The Gram products of activations near 1e-19 and cotangents near 1e19 (a
+  moderate gradient) would otherwise underflow to 0 or overflow; the scaling
+  is exact. A side with a one-hot factor (0 or 1, paired with the dense ones
+  in the cross terms of tied uses) keeps its scale."""
   factors = [_positionwise(a, b) for a, b in factors]
   out = [list(pair) for pair in factors]
   exponent = jnp.zeros((), jnp.int32)
   for side in (0, 1):
     if any(isinstance(pair[side], Index) for pair in factors):
       continue
-    dense = list(range(len(factors)))
-    peak = jnp.max(
-      jnp.stack([jnp.max(jnp.abs(factors[i][side].astype(jnp.float32))) for i in dense])
-    )
+    peak = jnp.max(jnp.stack([jnp.max(jnp.abs(pair[side])) for pair in factors]))
     e = jnp.clip(_exponent_of(peak), -126, 126)
     scale = _power_of_two(-e)
-    for i in dense:
-      out[i][side] = factors[i][side].astype(jnp.float32) * scale
+    for i, pair in enumerate(factors):
+      out[i][side] = pair[side] * scale
     exponent = exponent + e
   return [(a, b) for a, b in out], exponent
 
@@ -338,11 +335,18 @@ def _positionwise(a: Factor, b: Factor) -> tuple[Factor, Factor]:
   by ``2**-k_t`` and ``2**k_t`` so that their largest magnitudes meet
   halfway, which leaves every term ``<a_t, a_s> <b_t, b_s>`` as it is. A
   position whose other factor is zero adds nothing and is zeroed (unless not
-  finite: the gradient is then NaN too). Without this, one position far
-  larger than the others (a padding value of 1e21 whose cotangent is 0) sets
-  the side's scale and the others' products underflow."""
-  if isinstance(a, Index) or isinstance(b, Index):
+  finite: the gradient is then NaN too), and so is a dense row paired with a
+  dropped lookup row. Without this, one position far larger than the others
+  (a padding value of 1e21 whose cotangent is 0) sets the side's scale and
+  the others' products underflow."""
+  if isinstance(a, Index) and isinstance(b, Index):
     return a, b
+  if isinstance(a, Index) or isinstance(b, Index):
+    # A lookup's dropped rows (out-of-range ids) add nothing to the gradient:
+    # zeroed, they cannot set the scale of the side.
+    ids, dense = (a, b) if isinstance(a, Index) else (b, a)
+    dense = jnp.where(ids.valid[None, :, None], dense.astype(jnp.float32), 0)
+    return (ids, dense) if isinstance(a, Index) else (dense, ids)
   a, b = a.astype(jnp.float32), b.astype(jnp.float32)
   peak_a = jnp.max(jnp.abs(a), axis=-1, keepdims=True)
   peak_b = jnp.max(jnp.abs(b), axis=-1, keepdims=True)

@@ -70,14 +70,15 @@ def _classify(prog: Program, k: int, aval: Any) -> ParamPlan:
     return ParamPlan("direct")
   if not kinds <= {"dense", "lookup", "conv"}:
     return ParamPlan("fallback", reason=f"it is used by {_names(prog, uses)}")
-  mixed = [
+  complex_uses = [
     u
     for u in uses
-    if u.kind != "elementwise"
-    and any(jnp.issubdtype(a.dtype, jnp.complexfloating) for a in prog.ops[u.op].out_avals)
+    if any(jnp.issubdtype(a.dtype, jnp.complexfloating) for a in prog.ops[u.op].out_avals)
   ]
-  if mixed:  # a real weight applied to complex activations
-    return ParamPlan("fallback", reason=f"its use by {_names(prog, mixed)} is complex-valued")
+  if complex_uses:  # a real weight applied to complex activations
+    return ParamPlan(
+      "fallback", reason=f"its use by {_names(prog, complex_uses)} is complex-valued"
+    )
   bad = [u for u in uses if not u.view.iso]
   if bad:
     chain = sorted({prog.ops[i].prim.name for u in bad for i in u.view.chain})

@@ -376,6 +376,39 @@ def test_one_huge_position_does_not_flush_the_others():
     assert float(jnp.linalg.norm(grads["w"])) <= 2.0 * (1 + 1e-5)
 
 
+def test_a_dropped_lookup_row_does_not_flush_the_others():
+  # An out-of-range id (dropped from the gradient) whose cotangent is 1e21:
+  # it set the scale of the cotangents' side, and the valid rows' products
+  # underflowed (norm 0, unclipped).
+  table = jnp.arange(40.0).reshape(10, 4) / 10
+  weight = jnp.array([1e21, 1.0, 1.0])
+
+  def loss(p, b):
+    rows = p["e"].at[b].get(mode="fill", fill_value=0.0)
+    return jnp.sum(rows * weight[:, None], (1, 2))
+
+  out, want = _clipped_both_ways(loss, {"e": table}, jnp.array([[10, 1, 2], [12, 3, 5]]), 1.0)
+  for method, (_, info) in out.items():
+    np.testing.assert_allclose(info.norms, want, rtol=1e-6, err_msg=method)
+    assert int(info.num_clipped) == 2
+
+
+def test_a_nonfinite_activation_with_a_zero_cotangent_drops_the_example():
+  # The gradient is NaN (0 * inf) though the loss is finite, as `vmap` finds.
+  def loss(p, b):
+    y = b @ p["w"]
+    return jnp.sum(jnp.where(jnp.array([False, True, True])[:, None], y, 0.0), (1, 2))
+
+  rows = [[1.0, 2.0, 0.0, 1.0], [3.0, -1.0, 1.0, 0.0]]
+  x = jnp.array([[[v, 1, 1, 1], *rows] for v in (jnp.nan, jnp.inf, 1e30)])
+  for method in ("ghost", "vmap"):
+    grads, info = jax.jit(jaxclip.clipped_grad(loss, 1.0, method=method))({"w": jnp.eye(4)}, x)
+    np.testing.assert_array_equal(np.isfinite(info.norms), [False, False, True], err_msg=method)
+    np.testing.assert_allclose(info.norms[2], np.sqrt(76.0), rtol=1e-6, err_msg=method)
+    assert int(info.num_nonfinite) == 2
+    assert bool(jnp.all(jnp.isfinite(grads["w"])))
+
+
 def test_a_slice_at_a_constant_start_is_a_lookup():
   table = jnp.arange(12.0).reshape(4, 3) / 10
 
