@@ -5,12 +5,14 @@ Nothing here computes a norm: norms come from `jaxclip._norms`.
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from jaxclip import _norms, _validate
 from jaxclip._validate import Threshold
@@ -58,6 +60,28 @@ def clip_scale(norm: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Ar
   clipped = jnp.isfinite(norm) & (norm > threshold)
   safe_norm = jnp.where(clipped, norm, 1)
   return jnp.where(clipped, threshold / safe_norm, 1).astype(norm.dtype), clipped
+
+
+def with_extra_args(tx: Any) -> optax.GradientTransformationExtraArgs:
+  """`tx` as a transformation whose `update` takes extra keyword arguments.
+
+  `optax.with_extra_args_support` drops them for any `tx` that is not a
+  `GradientTransformationExtraArgs`, even one whose `update` takes them
+  (`optax.MultiSteps`, or a guard's `loss=` inside it): those are forwarded.
+  """
+  if isinstance(tx, optax.GradientTransformationExtraArgs):
+    return tx
+  if _takes_keywords(tx.update):
+    return optax.GradientTransformationExtraArgs(tx.init, tx.update)
+  return optax.with_extra_args_support(tx)
+
+
+def _takes_keywords(fn: Callable[..., Any]) -> bool:
+  try:
+    parameters = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):  # no signature (a builtin or C extension)
+    return False
+  return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def scalar(value: Any, dtype: Any = jnp.float32) -> jax.Array:

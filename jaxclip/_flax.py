@@ -13,6 +13,8 @@ import optax
 from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT
 from flax.training import train_state
 
+from jaxclip import _base
+
 __all__ = ["TrainState"]
 
 # Fields `apply_gradients` itself sets; passing them too would be ambiguous.
@@ -29,7 +31,8 @@ class TrainState(train_state.TrainState):
   them. This subclass is the same dataclass (same fields, same `create`, same
   pytree, so it jits and checkpoints alike) with one change: keyword
   arguments of `apply_gradients` that are not fields of the state are passed
-  to ``tx.update``.
+  to ``tx.update`` (of any `tx` whose `update` takes keyword arguments,
+  `optax.MultiSteps` included).
 
   Subclasses with extra fields (``batch_stats``, say) keep working: a keyword
   naming a field still replaces it, as in Flax.
@@ -96,7 +99,7 @@ class TrainState(train_state.TrainState):
     overwrite = OVERWRITE_WITH_GRADIENT in grads
     grads_with_opt = grads["params"] if overwrite else grads
     params_with_opt = self.params["params"] if overwrite else self.params
-    tx = optax.with_extra_args_support(self.tx)
+    tx = _base.with_extra_args(self.tx)
     updates, new_opt_state = tx.update(
       grads_with_opt, self.opt_state, params_with_opt, **extra_args
     )

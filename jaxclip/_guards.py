@@ -150,7 +150,7 @@ def skip_on_spike(
       " window never holds more values. Lower `min_history` or widen `window`."
     )
   _validate.check_threshold(n_sigma, "n_sigma", allow_schedule=False)
-  inner = optax.with_extra_args_support(inner)
+  inner = _base.with_extra_args(inner)
 
   def init_fn(params):
     dtype = _base.record_dtype(params)
@@ -277,7 +277,7 @@ def skip_nonfinite(
   """
   if max_consecutive is not None:
     max_consecutive = _validate.check_int(max_consecutive, "max_consecutive", 0)
-  inner = optax.with_extra_args_support(inner)
+  inner = _base.with_extra_args(inner)
 
   def init_fn(params):
     zero = _base.zero_count  # a fresh array per field: donated states share no buffer

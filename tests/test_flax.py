@@ -136,6 +136,16 @@ def test_plain_transforms_ignore_extra_args():
   )
 
 
+@pytest.mark.parametrize("wrap", [lambda ms: ms, lambda ms: ms.gradient_transformation()])
+def test_loss_reaches_a_guard_inside_multisteps(wrap):
+  # optax.MultiSteps is not a GradientTransformationExtraArgs, but its update
+  # takes keyword arguments: they must reach the guard it wraps.
+  state = _linen_state(TrainState, wrap(optax.MultiSteps(_skip_tx(), every_k_schedule=1)))
+  loss, grads = _grads(state)
+  state = state.apply_gradients(grads=grads, loss=loss)
+  assert float(state.opt_state.inner_opt_state.loss) == float(loss)
+
+
 class BatchStatsState(TrainState):
   batch_stats: Any = struct.field(default=None)
 

@@ -187,6 +187,22 @@ def test_skip_nonfinite_forwards_extra_args():
   assert seen[-1]["loss"] == 1.5
 
 
+@pytest.mark.parametrize("guard", [skip_nonfinite, skip_on_spike])
+def test_guards_forward_extra_args_through_multisteps(guard):
+  # MultiSteps takes extra keyword arguments without being a
+  # GradientTransformationExtraArgs: they still reach what it wraps.
+  seen = []
+
+  def update_fn(updates, state, params=None, **extra):
+    seen.append(extra)
+    return updates, state
+
+  inner = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update_fn)
+  opt = guard(optax.MultiSteps(inner, every_k_schedule=1))
+  opt.update({"w": jnp.ones(2)}, opt.init({"w": jnp.ones(2)}), value=2.5)
+  assert seen[-1]["value"] == 2.5
+
+
 def test_skip_nonfinite_bad_argument():
   with pytest.raises(ValueError, match="max_consecutive"):
     skip_nonfinite(optax.sgd(1.0), max_consecutive=-1)

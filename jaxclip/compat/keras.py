@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxclip import _validate
+from jaxclip import _base, _validate
 from jaxclip.compat import _tree
 from jaxclip.compat.tf import _divide
 
@@ -160,7 +160,7 @@ def with_clipping(
   clipnorm = _check(clipnorm, "clipnorm")
   clipvalue = _check(clipvalue, "clipvalue")
   global_clipnorm = _check(global_clipnorm, "global_clipnorm")
-  inner = optax.with_extra_args_support(tx)
+  inner = _base.with_extra_args(tx)
 
   def clip(grads):
     # Keras clips only with a value > 0 (`if self.clipnorm and ...`).
