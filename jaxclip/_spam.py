@@ -84,8 +84,11 @@ class SpamClipState(NamedTuple):
     scale: Per tensor, the smallest factor an entry was multiplied by,
       ``sqrt(threshold / ratio)`` (1 when none was clipped).
     clipped: Per tensor, whether any entry was clipped.
-    v: Per floating leaf, the EMA of the squared clipped gradient (float32
-      for bf16, fp16 and float32 leaves).
+    v: A tree shaped like the parameters: for each floating leaf the EMA of
+      its squared clipped gradient (float32 for bf16, fp16 and float32
+      leaves), with the leaf's sharding; zeros like any other leaf (as
+      optax's moments), never read. `optax.tree_utils.tree_map_params`
+      reaches it.
   """
 
   count: jax.Array
@@ -93,7 +96,7 @@ class SpamClipState(NamedTuple):
   ratio: jax.Array
   scale: jax.Array
   clipped: jax.Array
-  v: tuple[jax.Array, ...]
+  v: Any
 
   stats_name = "spam_clip"
   per_tensor_fields = ("ratio", "scale", "clipped")
@@ -199,20 +202,21 @@ def spam_clip(
       ratio=jnp.zeros((k,), dtype),
       scale=jnp.ones((k,), dtype),
       clipped=jnp.zeros((k,), bool),
-      v=tuple(jnp.zeros(x.shape, _norms.accumulation_dtype(x.dtype)) for x in leaves),
+      v=jax.tree.map(_zero_moment, params),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     _base.expect_state(state, SpamClipState, "spam_clip")
     leaves = _norms.inexact_leaves(updates)
-    check_entries(leaves, len(state.v), "spam_clip", [v.shape for v in state.v])
+    v_leaves, v_def = jax.tree.flatten(state.v)
+    v_prev = [v for v in v_leaves if _norms.is_inexact(v)]
+    check_entries(leaves, len(v_prev), "spam_clip", [v.shape for v in v_prev])
     n = state.count + 1
     active = n >= start
-    v_prev = state.v
     if interval:
       active = active & (n % interval >= start)
-      v_prev = tuple(jnp.where(n % interval == 0, 0, v).astype(v.dtype) for v in v_prev)
+      v_prev = [jnp.where(n % interval == 0, 0, v).astype(v.dtype) for v in v_prev]
     dtype = state.threshold.dtype
     theta = _base.resolve(threshold, state.count, dtype, "threshold")
     b, c = jnp.asarray(beta, dtype), complement(beta, dtype)
@@ -227,11 +231,24 @@ def spam_clip(
       ratio=ratio,
       scale=jnp.where(clipped, jnp.sqrt(theta / jnp.where(clipped, ratio, 1)), 1),
       clipped=clipped,
-      v=tuple(p[1] for p in parts),
+      v=_replace_inexact(v_def, v_leaves, [p[1] for p in parts]),
     )
     return updates, _base.keep_dtypes(state, SpamClipState, new)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _zero_moment(x: Any) -> jax.Array:
+  """The initial ``v`` of one parameter leaf, keeping its sharding."""
+  if _norms.is_inexact(x):
+    return jnp.zeros_like(x, _norms.accumulation_dtype(x.dtype))
+  return jnp.zeros_like(x)
+
+
+def _replace_inexact(treedef: Any, leaves: list[Any], new: list[jax.Array]) -> Any:
+  """The tree of `leaves` with its floating leaves replaced, in order, by `new`."""
+  it = iter(new)
+  return jax.tree.unflatten(treedef, [next(it) if _norms.is_inexact(x) else x for x in leaves])
 
 
 def _stack(values: list[jax.Array], dtype: Any) -> jax.Array:

@@ -292,6 +292,9 @@ TRANSFORMS = {
   "skip_on_spike": lambda: jaxclip.skip_on_spike(optax.adam(0.1), window=8, min_history=4),
   "skip_nonfinite": lambda: jaxclip.skip_nonfinite(optax.adam(0.1)),
   "record_norms": lambda: jaxclip.record_norms(8),
+  "spam_clip": lambda: jaxclip.spam_clip(2.0, 0.5, start_step=2),
+  "stable_spam_clip": lambda: jaxclip.stable_spam_clip(0.9, adaptive_norm=True),
+  "clippy": lambda: jaxclip.clippy(0.05),
   # Stacked layers: every leading axis 0 (of "k", (8, 16, 32), and of the
   # 40 "w" leaves) is a layer axis, sharded in some layouts.
   "clip_by_norm_layers": lambda: jaxclip.clip_by_norm(0.5, layer_axes={"k": 1, "w": 1}),
@@ -500,6 +503,28 @@ def test_every_transform_on_sharded_leaves(axis_type, transform, layout):
     assert all(n <= entries or n < smallest for n in moved), (moved, entries, smallest)
   else:
     assert _data_moving_ops(hlo) == []
+
+
+@pytest.mark.parametrize("transform", [t for t in TRANSFORMS if not t.endswith("_layers")])
+def test_init_under_set_mesh_keeps_the_parameters_sharding(transform):
+  """`jax.jit(tx.init)` inside `jax.set_mesh` (Explicit axes): every state
+  leaf shaped like a parameter is sharded like it (as optax's moments), and
+  the jitted update runs and matches the single-device run."""
+  mesh_shape, axis_names, tree_name, specs = LAYOUTS["mesh2d"]
+  mesh = jax.make_mesh(mesh_shape, axis_names, axis_types=(AxisType.Explicit,) * 2)
+  host = HOST_TREES[tree_name]()
+  tx = TRANSFORMS[transform]()
+  with jax.set_mesh(mesh):
+    grads = _put(host, mesh, specs)
+    state = jax.jit(tx.init)(grads)
+    u1, s1 = jax.jit(tx.update)(grads, state, grads)
+  by_shape = {g.shape: g.sharding for g in jax.tree.leaves(grads)}  # one sharding per shape
+  for x in jax.tree.leaves(state):
+    if x.ndim and x.shape in by_shape:
+      assert x.sharding.is_equivalent_to(by_shape[x.shape], x.ndim), (x.shape, x.sharding)
+  want_u1, want_s1, _, _ = _single_device_run(transform, tree_name)
+  _assert_trees_close(u1, want_u1, "step 1 updates")
+  _assert_trees_close(s1, want_s1, "step 1 state")
 
 
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
