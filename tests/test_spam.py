@@ -374,3 +374,19 @@ def test_stable_spam_stats_and_inject_hyperparams():
 def test_stable_spam_argument_errors(kwargs, error, match):
   with pytest.raises(error, match=match):
     jaxclip.stable_spam_clip(**kwargs)
+
+
+def test_spam_v_is_shaped_like_the_parameters():
+  # optax.tree_utils.tree_map_params (used to derive state shardings) maps
+  # v like optax's own moments; non-floating leaves hold zeros, never read.
+  params = {"w": jnp.ones((2, 3)), "n": jnp.arange(3), "b": jnp.zeros(3, jnp.bfloat16)}
+  opt = optax.chain(jaxclip.spam_clip(start_step=1), optax.adam(0.1))
+  state = opt.init(params)
+  assert jax.tree.structure(state[0].v) == jax.tree.structure(params)
+  shapes = optax.tree_utils.tree_map_params(opt, lambda x: x.shape, state)
+  assert shapes[0].v == {"w": (2, 3), "n": (3,), "b": (3,)}
+  assert state[0].v["b"].dtype == jnp.float32
+  grads = {"w": jnp.full((2, 3), 2.0), "n": jnp.arange(3), "b": jnp.ones(3, jnp.bfloat16)}
+  _, state = jax.jit(opt.update)(grads, state, params)
+  np.testing.assert_allclose(state[0].v["w"], 0.001 * 4.0, rtol=1e-6)
+  np.testing.assert_array_equal(state[0].v["n"], 0)
