@@ -70,6 +70,7 @@ class _Call:
     if not self.diff:
       _refuse_nothing_to_differentiate(params)
     self.examples, self.b_def, self.batch_size = _batch_leaves(batch)
+    _check_varying(params, self.diff, self.examples)
     a_leaves, self.a_def = jax.tree.flatten(args)
     self.a_static = [None if _is_array(x) else x for x in a_leaves]
     self.extra = [x for x in a_leaves if _is_array(x)]
@@ -115,6 +116,27 @@ def _refuse_nothing_to_differentiate(params: Any) -> None:
     "`params` holds no floating-point array to differentiate, so every gradient would be"
     f" None and every per-example norm 0.{hint}"
   )
+
+
+def _check_varying(params: Any, diff: list, examples: list) -> None:
+  """Inside `shard_map`: raises if the batch varies over a mesh axis that a
+  parameter does not. JAX then sums the gradient with respect to that
+  parameter over the axis: each example's gradient would be summed with the
+  other devices' examples before it is clipped, and the bound would not hold."""
+  batch_axes = {a for x in examples for a in _ghost_trace.varying_axes(jax.typeof(x))}
+  if not batch_axes:
+    return
+  paths = _diff_paths(params)
+  for path, x in zip(paths, diff):
+    missing = sorted(batch_axes - set(_ghost_trace.varying_axes(jax.typeof(x))))
+    if missing:
+      raise ValueError(
+        f"Inside `shard_map`, `batch` varies over the mesh axes {missing} but"
+        f" `params{path}` does not: JAX would sum each example's gradient with the other"
+        " devices' examples before clipping it, breaking the per-example bound. Mark the"
+        f" parameters as varying, `params = jax.lax.pcast(params, {tuple(missing)!r},"
+        " to='varying')`, and `jax.lax.psum` the clipped sums over those axes afterwards."
+      )
 
 
 def _batch_leaves(batch: Any) -> tuple[list, Any, int]:
@@ -206,9 +228,9 @@ def _ghost_run(
       list(xs[:d]), list(xs[d : d + r]), list(xs[d + r : d + r + e]), xs[d + r + e :]
     )
 
-  avals = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in call.diff + call.rest]
-  avals += [jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)) for x in call.examples]
-  avals += [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in call.extra]
+  avals = [_aval(x) for x in call.diff + call.rest]
+  avals += [_aval(x, example=True) for x in call.examples]
+  avals += [_aval(x) for x in call.extra]
   prog = _ghost_trace.trace(flat, avals, len(call.diff))
   plan = _ghost_plan.make_plan(prog, avals[: len(call.diff)])
   if method == "ghost":
@@ -228,6 +250,22 @@ def _ghost_run(
   return run
 
 
+def _aval(x: Any, example: bool = False) -> Any:
+  """The abstract value `x` (one example of it) is traced with. A JAX array's
+  own type keeps its varying manual axes (inside `shard_map`) and its
+  sharding (explicit mesh axes), so that the program binds its ops as JAX
+  would and the ghost pass's zeros and cotangents have the types of the
+  values they stand for."""
+  if not isinstance(x, jax.Array):
+    return jax.ShapeDtypeStruct(np.shape(x)[int(example) :], jnp.result_type(x))
+  aval = jax.typeof(x)
+  if not example:
+    return aval
+  sharding = aval.sharding
+  spec = jax.sharding.PartitionSpec(*sharding.spec[1:])
+  return aval.update(shape=aval.shape[1:], sharding=sharding.update(spec=spec))
+
+
 def _refuse_fallbacks(plan: list, paths: list[str]) -> None:
   bad = [f"params{path}: {p.reason}" for p, path in zip(plan, paths) if p.kind == "fallback"]
   if bad:
@@ -240,11 +278,18 @@ def _refuse_fallbacks(plan: list, paths: list[str]) -> None:
 
 
 def _microbatched(run: Callable, call: _Call, size: int) -> tuple[list, _Stats]:
-  """`run` over chunks of `size` examples; sums added, statistics joined."""
+  """`run` over chunks of `size` examples; sums added, statistics joined.
+
+  On one device, chunk j holds examples ``j * size ...``. Where the batch may
+  be split over devices (in blocks, along its leading axis), chunk j holds
+  examples ``j, j + n, j + 2n, ...`` (n chunks): one block of ``n``
+  consecutive examples gives one example to each chunk, so that every chunk
+  is split over the devices as the batch is, and no example moves.
+  """
   b = call.batch_size
   n, rest = divmod(b, size)
   acc = [
-    jnp.zeros(x.shape, jnp.result_type(x.dtype, _norms.accumulation_dtype(x.dtype)))
+    jnp.zeros_like(x, jnp.result_type(x.dtype, _norms.accumulation_dtype(x.dtype)))
     for x in call.diff
   ]
 
@@ -252,14 +297,40 @@ def _microbatched(run: Callable, call: _Call, size: int) -> tuple[list, _Stats]:
     sums, stats = run(chunk)
     return [a + s.astype(a.dtype) for a, s in zip(acc, sums)], stats
 
-  head = [x[: n * size].reshape(n, size, *x.shape[1:]) for x in call.examples]
-  acc, stats = jax.lax.scan(body, acc, head)
-  stats = jax.tree.map(lambda s: s.reshape(n * size, *s.shape[2:]), stats)
+  head = [x[: n * size] for x in call.examples]
+  if _norms.one_device():
+    chunks = [x.reshape(n, size, *x.shape[1:]) for x in head]
+    acc, stats = jax.lax.scan(body, acc, chunks)
+    stats = jax.tree.map(lambda s: s.reshape(n * size, *s.shape[2:]), stats)
+  else:
+    _check_split(call, size)
+    chunks = [jnp.swapaxes(x.reshape(size, n, *x.shape[1:]), 0, 1) for x in head]
+    acc, stats = jax.lax.scan(body, acc, chunks)
+    stats = jax.tree.map(lambda s: jnp.swapaxes(s, 0, 1).reshape(n * size, *s.shape[2:]), stats)
   if rest:
     sums, tail = run([x[n * size :] for x in call.examples])
     acc = [a + s.astype(a.dtype) for a, s in zip(acc, sums)]
     stats = jax.tree.map(lambda s, t: jnp.concatenate([s, t]), stats, tail)
   return [a.astype(x.dtype) for a, x in zip(acc, call.diff)], stats
+
+
+def _check_split(call: _Call, size: int) -> None:
+  """Raises unless the chunks of `size` examples can be split over the
+  devices that the batch's leading axis is split over (explicit axes)."""
+  for x in call.examples:
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", ())
+    if not spec or spec[0] is None:
+      continue
+    names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    ways = int(np.prod([sharding.mesh.shape[a] for a in names]))
+    if size % ways or call.batch_size % size:
+      raise ValueError(
+        f"`microbatch_size={size}` with a batch of {call.batch_size} examples split over"
+        f" {ways} devices (mesh axes {names}): each microbatch is split over the same"
+        f" devices, so `microbatch_size` must be a multiple of {ways} that divides the batch"
+        " size. Pick such a size, or None for the whole batch at once."
+      )
 
 
 def _joined_aux(aux: Any) -> Any:

@@ -224,7 +224,7 @@ def _gram(a: Factor, b: Factor) -> jax.Array:
     picked = jnp.take(a, b.ids, axis=2, mode="clip")  # [H, T_a, T_b]
     return jnp.where(b.valid[None, None, :], picked, 0)
   b = b.astype(jnp.float32)
-  return jnp.einsum("htk,hsk->hts", a, b, precision=_HIGHEST)
+  return _einsum("htk,hsk->hts", a, b)
 
 
 def _materialized(a: Factor, b: Factor, ka: int, kb: int) -> jax.Array:
@@ -235,7 +235,22 @@ def _materialized(a: Factor, b: Factor, ka: int, kb: int) -> jax.Array:
   if isinstance(b, Index):
     return jnp.swapaxes(_materialized(b, a, kb, ka), 1, 2)
   a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-  return jnp.einsum("htk,htl->hkl", a, b, precision=_HIGHEST)
+  return _einsum("htk,htl->hkl", a, b)
+
+
+def _einsum(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """`jnp.einsum` at full precision. Over explicit mesh axes, factors sharded
+  on the contracted axis (a tensor-parallel layer's features) make the output
+  sharding ambiguous to JAX: the result, a small per-example matrix, is then
+  replicated (partial products summed over the devices)."""
+  sharded = any(_explicitly_sharded(x) for x in (a, b))
+  kw = {"out_sharding": jax.sharding.PartitionSpec()} if sharded else {}
+  return jnp.einsum(subscripts, a, b, precision=_HIGHEST, **kw)
+
+
+def _explicitly_sharded(x: jax.Array) -> bool:
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", ())
+  return any(s is not None for s in spec)
 
 
 def use_ghost(sizes: Sequence[tuple[int, int, int, int]]) -> bool:

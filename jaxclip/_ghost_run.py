@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from jaxclip import _base, _ghost_norms, _norms
 from jaxclip._ghost_plan import ParamPlan
-from jaxclip._ghost_trace import Lit, Program, Use, apply_chain, bind, evaluate
+from jaxclip._ghost_trace import Lit, Program, Use, apply_chain, bind, evaluate, zeros
 
 
 class GhostPass:
@@ -62,7 +62,7 @@ class GhostPass:
     the perturbed parameters."""
     inputs = [*diff, *others]
     avals = {i: self.prog.ops[i].out_avals[0] for i in self.ops}
-    taps0 = {i: jnp.zeros(a.shape, a.dtype) for i, a in avals.items()}
+    taps0 = {i: zeros(a) for i, a in avals.items()}
     z0 = {k: jnp.zeros_like(diff[k]) for k in self.perturbed}
 
     def f(taps, z):

@@ -38,6 +38,9 @@ _PERMUTING = {prims.convert_element_type_p, prims.transpose_p, prims.copy_p}
 _RESHAPING = {prims.reshape_p, prims.squeeze_p, prims.rev_p, prims.broadcast_in_dim_p}
 _SELECTING = {prims.slice_p}
 _NO_GRADIENT = {prims.stop_gradient_p}
+# Inside `shard_map`, marks an array as varying over mesh axes (the values
+# are unchanged): a view. Its primitive is not public; it is named.
+_PVARY = "pvary"
 _ELEMENTWISE = {
   prims.add_p, prims.sub_p, prims.mul_p, prims.div_p, prims.neg_p, prims.max_p, prims.min_p,
   prims.exp_p, prims.exp2_p, prims.log_p, prims.log1p_p, prims.expm1_p, prims.tanh_p,
@@ -212,7 +215,7 @@ def _extend(view: View, index: int, op: Op) -> View | None:
     if not jnp.issubdtype(op.params["new_dtype"], jnp.floating):
       return None
     return view._replace(chain=view.chain + (index,))
-  if op.prim in _PERMUTING:
+  if op.prim in _PERMUTING or op.prim.name == _PVARY:
     perm = view.perm
     if op.prim is prims.transpose_p and perm is not None:
       perm = tuple(perm[a] for a in op.params["permutation"])
@@ -279,6 +282,30 @@ def evaluate(
       saved[index] = {k: vals[k] for k in keep(index)}
     env.update((s, x) for s, x in zip(op.outs, outs) if s >= 0)
   return [read(r) for r in prog.outputs], saved
+
+
+def zeros(aval: Any) -> jax.Array:
+  """Zeros of the type `aval`, its varying manual axes (inside `shard_map`)
+  and explicit sharding included: added to a value of that type, they take
+  a cotangent of the same type (plain zeros would be broadcast to it, and
+  their cotangent summed over the devices)."""
+  z = jnp.zeros(aval.shape, aval.dtype)
+  spec = getattr(getattr(aval, "sharding", None), "spec", ())
+  if any(s is not None for s in spec):
+    z = jax.sharding.reshard(z, spec)
+  varying = varying_axes(aval)
+  if varying:
+    z = jax.lax.pcast(z, varying, to="varying")
+  return z
+
+
+def varying_axes(aval: Any) -> tuple[str, ...]:
+  """The manual mesh axes (inside `shard_map`) over which values of the type
+  `aval` vary, sorted."""
+  varying = getattr(aval, "vma", None)  # jax 0.9
+  if varying is None:
+    varying = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+  return tuple(sorted(varying or ()))
 
 
 def apply_chain(prog: Program, chain: Sequence[int], x: Any) -> Any:

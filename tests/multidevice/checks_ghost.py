@@ -5,6 +5,7 @@ tests/test_ghost.py in a subprocess (XLA_FLAGS must be set before jax starts).
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -77,3 +78,103 @@ def test_sharded_batch_gives_the_same_result_without_gathering():
 
 def test_explicit_axes():
   _check(*_problem("one_hot"), AxisType.Explicit)
+
+
+def _moves_data(hlo: str) -> list[str]:
+  return [
+    line
+    for line in hlo.splitlines()
+    if any(f"{op}(" in line or f"{op}-start(" in line for op in MOVES_DATA)
+  ]
+
+
+def _assert_same(got, info, want, want_info):
+  np.testing.assert_allclose(info.norms, want_info.norms, rtol=1e-5)
+  scale = max(float(np.max(np.abs(b))) for b in jax.tree.leaves(want))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("method", ["ghost", "auto", "vmap"])
+def test_inside_shard_map_with_varying_params(method):
+  # Each device clips its own examples; the parameters are marked varying
+  # (as JAX requires for per-device gradients) and the sums are added after.
+  # The zeros that collect the ghost cotangents vary like the outputs they
+  # are added to: otherwise JAX sums their cotangents over the devices.
+  loss, params, batch = _problem()
+  want, want_info = jax.jit(jaxclip.clipped_grad(loss, 0.5, method="vmap"))(params, batch)
+  mesh = jax.make_mesh((8,), ("d",), axis_types=(AxisType.Explicit,))
+
+  def local(p, b):
+    p = jax.lax.pcast(p, "d", to="varying")
+    g, info = jaxclip.clipped_grad(loss, 0.5, method=method)(p, b)
+    return jax.lax.psum(g, "d"), info.norms, info.num_clipped[None]
+
+  out_specs = (P(), P("d"), P("d"))
+  fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P("d")), out_specs=out_specs))
+  sharded = jax.device_put(batch, NamedSharding(mesh, P("d")))
+  replicated = jax.device_put(params, NamedSharding(mesh, P()))
+  got, norms, clipped = fn(replicated, sharded)
+  _assert_same(got, want_info._replace(norms=norms), want, want_info)
+  assert int(jnp.sum(clipped)) == int(want_info.num_clipped) > 0
+
+
+def test_inside_shard_map_params_that_do_not_vary_are_refused():
+  loss, params, batch = _problem()
+  mesh = jax.make_mesh((8,), ("d",), axis_types=(AxisType.Explicit,))
+  fn = jax.shard_map(
+    lambda p, b: jaxclip.clipped_grad(loss, 0.5)(p, b)[0],
+    mesh=mesh,
+    in_specs=(P(), P("d")),
+    out_specs=P(),
+  )
+  sharded = jax.device_put(batch, NamedSharding(mesh, P("d")))
+  with pytest.raises(ValueError, match=r"params\['embed'\]` does not.*pcast"):
+    jax.jit(fn)(params, sharded)
+
+
+@pytest.mark.parametrize("method", ["ghost", "auto"])
+def test_tensor_parallel_weight_on_explicit_axes(method):
+  # A column-parallel weight (features split over "model") and the batch
+  # over "data": the ghost factors are split on the contracted features.
+  ks = jax.random.split(jax.random.key(3), 4)
+  params = {"w": jax.random.normal(ks[0], (16, 32)) / 4, "b": jax.random.normal(ks[1], (32,))}
+  batch = {"x": jax.random.normal(ks[2], (8, 16)), "y": jax.random.normal(ks[3], (8, 32))}
+
+  def loss(p, b):
+    return jnp.sum((jnp.tanh(b["x"] @ p["w"] + p["b"]) - b["y"]) ** 2, axis=-1)
+
+  want, want_info = jax.jit(jaxclip.clipped_grad(loss, 1.0, method="vmap"))(params, batch)
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+  with jax.set_mesh(mesh):
+    ps = {
+      "w": jax.device_put(params["w"], NamedSharding(mesh, P(None, "model"))),
+      "b": jax.device_put(params["b"], NamedSharding(mesh, P("model"))),
+    }
+    bs = jax.device_put(batch, NamedSharding(mesh, P("data")))
+    got, info = jax.jit(jaxclip.clipped_grad(loss, 1.0, method=method))(ps, bs)
+  _assert_same(got, info, want, want_info)
+  assert got["w"].sharding.spec == P(None, "model")
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
+@pytest.mark.parametrize("method", ["ghost", "vmap"])
+def test_microbatches_of_a_sharded_batch_move_no_example(axis_type, method):
+  # Each microbatch takes one example of every device's block, so it is
+  # split over the devices as the batch is.
+  loss, params, batch = _problem("one_hot")
+  batch = jax.tree.map(lambda x: jnp.concatenate([x, x[::-1]]), batch)  # 32 examples
+  fn = jax.jit(jaxclip.clipped_grad(loss, 0.5, method=method, microbatch_size=8))
+  want, want_info = jax.jit(jaxclip.clipped_grad(loss, 0.5, method=method))(params, batch)
+  mesh = jax.make_mesh((8,), ("d",), axis_types=(axis_type,))
+  with jax.set_mesh(mesh):
+    sharded = jax.device_put(batch, NamedSharding(mesh, P("d")))
+    replicated = jax.device_put(params, NamedSharding(mesh, P()))
+    compiled = fn.lower(replicated, sharded).compile()
+    got, info = compiled(replicated, sharded)
+    if axis_type == AxisType.Explicit:
+      small = jax.jit(jaxclip.clipped_grad(loss, 0.5, method=method, microbatch_size=4))
+      with pytest.raises(ValueError, match="multiple of 8"):
+        small(replicated, sharded)
+  _assert_same(got, info, want, want_info)
+  assert _moves_data(compiled.as_text()) == []
