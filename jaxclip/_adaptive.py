@@ -309,8 +309,8 @@ class QuantileClipState(NamedTuple):
     threshold: The clipping norm ``C`` used at this step.
     scale: Factor applied (per-example mode: the smallest factor).
     clipped: Whether anything was scaled down.
-    fraction_below: The (noisy, in DP mode) fraction of norms that were
-      <= ``C``.
+    fraction_below: The (noisy, in DP mode, then clamped to [0, 1])
+      fraction of norms that were <= ``C``.
     next_threshold: The threshold for the next step,
       ``C * exp(-lr * (b - q))``.
     key: PRNG key (uint32[2]) for the count noise, split at every step in
@@ -361,7 +361,9 @@ def quantile_clip(
   and ``b`` is the fraction of the batch at most ``C``; for differential
   privacy pass ``count_noise_std`` (the paper's ``sigma_b``): Gaussian noise
   of that standard deviation is added to the count before dividing by the
-  batch size. The noise key comes from the state (seeded by `seed`) or from
+  batch size, and the noisy fraction is clamped to [0, 1] (as TF Privacy's
+  `QuantileEstimatorQuery`), so that one step moves ``C`` by at most a
+  factor ``exp(lr * max(q, 1 - q))``. The noise key comes from the state (seeded by `seed`) or from
   ``update(..., key=k)``. An example with a non-finite norm counts as above
   ``C`` and contributes zero to the sum (so no example exceeds ``C``); in the
   default mode a non-finite norm leaves ``C`` unchanged and the updates pass
@@ -446,7 +448,9 @@ def quantile_clip(
       if noisy:
         noise = jax.random.normal(sub, (), c.dtype)
         below = below + jnp.asarray(count_noise_std, c.dtype) * noise
-    fraction = below / max(norms.size, 1)
+    # The noisy fraction is clamped to [0, 1] (as TF Privacy's quantile
+    # estimator): without it, noise could move C by more than exp(eta * q).
+    fraction = jnp.clip(below / max(norms.size, 1), 0, 1)
     eta = jnp.asarray(learning_rate, c.dtype)
     new_c = c * jnp.exp(-eta * (fraction - jnp.asarray(target_quantile, c.dtype)))
     if not per_example:  # a non-finite norm leaves C unchanged

@@ -106,8 +106,9 @@ def skip_on_spike(
       forwarded to it.
     window: Number of recent values kept (a Python int >= 2).
     n_sigma: Number of standard deviations above the mean that is a spike.
-    min_history: Values needed before spikes are skipped (int in
-      [2, window]).
+    min_history: Earlier values needed before spikes are skipped (int in
+      [2, window]). OLMo's gate counts the current value too: its 64 values
+      (``rolling_interval_length // 2``) are ``min_history=63`` here.
     record_skipped: Whether values of skipped (finite) steps enter the
       history.
     axis_name: Inside `jax.shard_map` or `jax.pmap` with gradients split over

@@ -150,7 +150,8 @@ def spam_clip(
 
   Args:
     threshold: ``theta``, the largest allowed ratio ``g**2 / v`` (>= 0):
-      a number, a 0-d array or a schedule ``step -> value``.
+      a number, a 0-d array or a schedule ``step -> value``. 0 turns
+      clipping off (``v`` is still tracked), as in SPAM's code.
     beta: EMA coefficient of ``v``, in [0, 1) (may be traced).
     start_step: The first step (counting from 1) at which entries are
       clipped, the reference's ``grad_accu_steps`` (a Python int >= 1).
@@ -219,6 +220,7 @@ def spam_clip(
       v_prev = [jnp.where(n % interval == 0, 0, v).astype(v.dtype) for v in v_prev]
     dtype = state.threshold.dtype
     theta = _base.resolve(threshold, state.count, dtype, "threshold")
+    active = active & (theta != 0)  # SPAM: `if self.thres != 0`
     b, c = jnp.asarray(beta, dtype), complement(beta, dtype)
     parts = [_spam_leaf(x, v, theta, active, b, c) for x, v in zip(leaves, v_prev)]
     it = iter(p[0] for p in parts)

@@ -303,13 +303,28 @@ def test_quantile_clip_count_noise_uses_key():
   np.testing.assert_allclose(s1.fraction_below, s1b.fraction_below)
   assert not np.array_equal(s1.key, s0.key)
   noise = np.asarray(jax.random.normal(jax.random.split(s0.key)[1], ()))
-  np.testing.assert_allclose(s1.fraction_below, (0 + 2.0 * noise) / 8, rtol=1e-5)  # norms sqrt3 > 1
+  # norms sqrt3 > 1: no example below C; the noisy fraction is clamped to [0, 1]
+  np.testing.assert_allclose(s1.fraction_below, np.clip(2.0 * noise / 8, 0, 1), rtol=1e-5)
   key = jax.random.PRNGKey(9)
   _, s2 = tx.update(batch, s0, key=key)
-  np.testing.assert_allclose(
-    s2.fraction_below, 2.0 * np.asarray(jax.random.normal(key, ())) / 8, rtol=1e-5
-  )
+  want = np.clip(2.0 * np.asarray(jax.random.normal(key, ())) / 8, 0, 1)
+  np.testing.assert_allclose(s2.fraction_below, want, rtol=1e-5)
   np.testing.assert_array_equal(s2.key, s0.key)
+
+
+def test_quantile_clip_noisy_fraction_is_clamped():
+  # As TF Privacy's QuantileEstimatorQuery: with noise far above the batch
+  # size, one step still moves C by at most exp(lr * max(q, 1 - q)).
+  batch = {"x": jnp.ones((4, 3))}
+  tx = quantile_clip(0.3, 0.2, 1.0, per_example=True, count_noise_std=50.0)
+  s0 = tx.init({"x": jnp.ones(3)})
+  step = jax.jit(lambda k: tx.update(batch, s0, key=k)[1])
+  states = [step(jax.random.key(i)) for i in range(16)]
+  fractions = np.array([float(s.fraction_below) for s in states])
+  assert fractions.min() == 0.0 and fractions.max() == 1.0  # clamped both ways
+  factors = np.array([float(s.next_threshold) for s in states])
+  np.testing.assert_allclose(factors.min(), np.exp(-0.2 * 0.7), rtol=1e-5)
+  np.testing.assert_allclose(factors.max(), np.exp(0.2 * 0.3), rtol=1e-5)
 
 
 # ---------------------------------------------------------------- common contract

@@ -390,3 +390,14 @@ def test_spam_v_is_shaped_like_the_parameters():
   _, state = jax.jit(opt.update)(grads, state, params)
   np.testing.assert_allclose(state[0].v["w"], 0.001 * 4.0, rtol=1e-6)
   np.testing.assert_array_equal(state[0].v["n"], 0)
+
+
+def test_spam_threshold_zero_turns_clipping_off():
+  # SPAM's code clips only `if self.thres != 0`; v is still tracked.
+  tx = jaxclip.spam_clip(0.0, 0.5, start_step=1)
+  state = tx.init(jnp.zeros(2))
+  _, state = tx.update(jnp.array([1.0, 1.0]), state)
+  u, state = jax.jit(tx.update)(jnp.array([100.0, -2.0]), state)
+  np.testing.assert_array_equal(u, [100.0, -2.0])
+  np.testing.assert_allclose(state.v, [0.25 + 5000.0, 0.25 + 2.0])
+  assert not bool(jnp.any(state.clipped)) and float(state.scale[0]) == 1.0
