@@ -92,8 +92,15 @@ def _match(parts: Sequence[str], rules: _Rules) -> tuple[int, int]:
 
 
 def _floating_paths(tree: Any) -> list[tuple[list[str], Any]]:
-  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None or _variable(x))[0]
+  flat = [(path, x.get_value() if _variable(x) else x) for path, x in flat]
   return [([key_str(e) for e in path], x) for path, x in flat if _norms.is_inexact(x)]
+
+
+def _variable(x: Any) -> bool:
+  """A Flax `nnx.Variable`: its path ends at the variable (``layer1/kernel``,
+  not ``layer1/kernel/value``)."""
+  return type(x).__module__.startswith("flax.") and callable(getattr(x, "get_value", None))
 
 
 def layer_counts(tree: Any, rules: _Rules) -> list[int]:

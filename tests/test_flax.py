@@ -247,3 +247,25 @@ def test_nnx_optimizer_forwards_the_loss():
   assert float(optimizer.opt_state.loss[...]) == float(loss)
   assert int(optimizer.step[...]) == 7
   _assert_trees_equal(as_pure(nnx.state(model, nnx.Param)), before)
+
+
+def test_nnx_tensor_names_end_at_the_variable():
+  # Each nnx.Param is one tensor: names are its path (`linear1/kernel`),
+  # without the Variable's own `value` field.
+  model = NNXMLP(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(
+    model, optax.chain(jaxclip.clip_by_norm(0.1), optax.sgd(0.1)), wrt=nnx.Param
+  )
+  grads = nnx.grad(_nnx_loss)(model)
+  optimizer.update(model, grads)
+  want = sorted(
+    "/".join(str(getattr(k, "key", k)) for k in path)
+    for path, _ in jax.tree_util.tree_flatten_with_path(as_pure(nnx.state(model, nnx.Param)))[0]
+  )
+  for tree in (nnx.state(model, nnx.Param), grads):
+    names = sorted(
+      k[len("clip/norm/") :]
+      for k in jaxclip.stats(optimizer, params=tree)
+      if k.startswith("clip/norm/")
+    )
+    assert names == want and not any(n.endswith("value") for n in names)
