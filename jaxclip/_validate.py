@@ -155,7 +155,10 @@ def check_axis(axis: Any, name: str = "axis") -> int | tuple[int, ...] | None:
     isinstance(a, int) and not isinstance(a, bool) for a in axis
   ):
     return tuple(axis)
-  raise TypeError(f"`{name}` must be None, an int or a tuple of ints, got {axis!r}.")
+  hint = ""
+  if isinstance(axis, jax.Array | np.ndarray):
+    hint = f" Under `optax.inject_hyperparams`, pass static_args=('{name}',)."
+  raise TypeError(f"`{name}` must be None, an int or a tuple of ints, got {axis!r}.{hint}")
 
 
 def check_int(value: Any, name: str, minimum: int) -> int:

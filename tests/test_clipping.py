@@ -190,6 +190,11 @@ class TestClipByNorm:
     with pytest.raises(TypeError, match="axis"):
       jaxclip.clip_by_norm(1.0, axis="0")
 
+  def test_injected_axis_says_to_make_it_static(self):
+    tx = optax.inject_hyperparams(jaxclip.clip_by_norm)(max_norm=1.0, axis=0)
+    with pytest.raises(TypeError, match=r"static_args=\('axis',\)"):
+      tx.init({"a": jnp.ones((2, 2))})
+
 
 class TestClipByValue:
   def test_bounds_and_record(self):
