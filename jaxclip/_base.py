@@ -5,7 +5,6 @@ Nothing here computes a norm: norms come from `jaxclip._norms`.
 
 from __future__ import annotations
 
-import inspect
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -66,22 +65,17 @@ def with_extra_args(tx: Any) -> optax.GradientTransformationExtraArgs:
   """`tx` as a transformation whose `update` takes extra keyword arguments.
 
   `optax.with_extra_args_support` drops them for any `tx` that is not a
-  `GradientTransformationExtraArgs`, even one whose `update` takes them
-  (`optax.MultiSteps`, or a guard's `loss=` inside it): those are forwarded.
+  `GradientTransformationExtraArgs`. `optax.MultiSteps` is not one, yet
+  forwards them to the transformation it wraps (a guard's ``loss=``, say):
+  it gets them, as itself or as its `gradient_transformation()`.
   """
   if isinstance(tx, optax.GradientTransformationExtraArgs):
     return tx
-  if _takes_keywords(tx.update):
+  if isinstance(tx, optax.MultiSteps) or isinstance(
+    getattr(tx.update, "__self__", None), optax.MultiSteps
+  ):
     return optax.GradientTransformationExtraArgs(tx.init, tx.update)
   return optax.with_extra_args_support(tx)
-
-
-def _takes_keywords(fn: Callable[..., Any]) -> bool:
-  try:
-    parameters = inspect.signature(fn).parameters.values()
-  except (TypeError, ValueError):  # no signature (a builtin or C extension)
-    return False
-  return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def scalar(value: Any, dtype: Any = jnp.float32) -> jax.Array:

@@ -122,7 +122,9 @@ def _check_varying(params: Any, diff: list, examples: list) -> None:
   """Inside `shard_map`: raises if the batch varies over a mesh axis that a
   parameter does not. JAX then sums the gradient with respect to that
   parameter over the axis: each example's gradient would be summed with the
-  other devices' examples before it is clipped, and the bound would not hold."""
+  other devices' examples before it is clipped, and the bound would not hold.
+  (A loss varying over other axes through `*args` is checked on the traced
+  program, `_check_loss_axes`: `method="vmap"` clips the sum JAX forms.)"""
   batch_axes = {a for x in examples for a in _ghost_trace.varying_axes(jax.typeof(x))}
   if not batch_axes:
     return
@@ -232,6 +234,7 @@ def _ghost_run(
   avals += [_aval(x, example=True) for x in call.examples]
   avals += [_aval(x) for x in call.extra]
   prog = _ghost_trace.trace(flat, avals, len(call.diff))
+  _check_loss_axes(prog.out_avals[0], avals[: len(call.diff)], paths)
   plan = _ghost_plan.make_plan(prog, avals[: len(call.diff)])
   if method == "ghost":
     _refuse_fallbacks(plan, paths)
@@ -264,6 +267,24 @@ def _aval(x: Any, example: bool = False) -> Any:
   sharding = aval.sharding
   spec = jax.sharding.PartitionSpec(*sharding.spec[1:])
   return aval.update(shape=aval.shape[1:], sharding=sharding.update(spec=spec))
+
+
+def _check_loss_axes(loss: Any, params: list, paths: list[str]) -> None:
+  """Inside `shard_map`: raises if an example's loss varies over a mesh axis
+  that a parameter does not (through `*args`, say, a per-device key or
+  weight). JAX then sums that parameter's gradient over the axis, which
+  ghost norms, taken from one device's activations, would not see."""
+  loss_axes = set(_ghost_trace.varying_axes(loss))
+  for path, aval in zip(paths, params):
+    missing = sorted(loss_axes - set(_ghost_trace.varying_axes(aval)))
+    if missing:
+      raise ValueError(
+        f"Inside `shard_map`, each example's loss varies over the mesh axes {missing} but"
+        f" `params{path}` does not, so JAX sums its gradient over them: ghost norms cannot"
+        " see that sum. Mark the parameters as varying over these axes too"
+        f" (`jax.lax.pcast(params, {tuple(missing)!r}, to='varying')`, then `psum` the"
+        " sums), or use method='vmap'."
+      )
 
 
 def _refuse_fallbacks(plan: list, paths: list[str]) -> None:

@@ -239,10 +239,13 @@ def _materialized(a: Factor, b: Factor, ka: int, kb: int) -> jax.Array:
 
 
 def _einsum(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
-  """`jnp.einsum` at full precision. Over explicit mesh axes, factors sharded
-  on the contracted axis (a tensor-parallel layer's features) make the output
-  sharding ambiguous to JAX: the result, a small per-example matrix, is then
-  replicated (partial products summed over the devices)."""
+  """`jnp.einsum` at full precision. With factors sharded over explicit mesh
+  axes, JAX cannot always infer the output's sharding: the result, a small
+  per-example matrix, is then replicated. Factors split on their features (a
+  tensor-parallel layer) are contracted locally and the partial products
+  summed over the devices; factors split on their positions (a
+  sequence-sharded batch) are gathered, as a Gram matrix of all positions
+  needs them."""
   sharded = any(_explicitly_sharded(x) for x in (a, b))
   kw = {"out_sharding": jax.sharding.PartitionSpec()} if sharded else {}
   return jnp.einsum(subscripts, a, b, precision=_HIGHEST, **kw)

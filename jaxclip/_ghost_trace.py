@@ -38,9 +38,6 @@ _PERMUTING = {prims.convert_element_type_p, prims.transpose_p, prims.copy_p}
 _RESHAPING = {prims.reshape_p, prims.squeeze_p, prims.rev_p, prims.broadcast_in_dim_p}
 _SELECTING = {prims.slice_p}
 _NO_GRADIENT = {prims.stop_gradient_p}
-# Inside `shard_map`, marks an array as varying over mesh axes (the values
-# are unchanged): a view. Its primitive is not public; it is named.
-_PVARY = "pvary"
 _ELEMENTWISE = {
   prims.add_p, prims.sub_p, prims.mul_p, prims.div_p, prims.neg_p, prims.max_p, prims.min_p,
   prims.exp_p, prims.exp2_p, prims.log_p, prims.log1p_p, prims.expm1_p, prims.tanh_p,
@@ -111,6 +108,7 @@ class Program:
     self.inputs: list[int] = []
     self.outputs: list[Ref] = []
     self.out_tree: Any = None
+    self.out_avals: list[Any] = []
     self.shapes: dict[int, tuple[int, ...]] = {}
 
   def new_slot(self, shape: tuple[int, ...] = ()) -> int:
@@ -140,6 +138,7 @@ def trace(fn: Callable[..., Any], in_avals: Sequence[Any], num_params: int) -> P
   closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*in_avals)
   prog = Program(num_params)
   prog.out_tree = jax.tree.structure(out_shape)
+  prog.out_avals = list(closed.out_avals)
   prog.inputs = [prog.new_slot(np.shape(x)) for x in in_avals]
   for k, slot in enumerate(prog.inputs[:num_params]):
     prog.views[slot] = View(k, (), tuple(range(np.ndim(in_avals[k]))), True)
@@ -215,7 +214,7 @@ def _extend(view: View, index: int, op: Op) -> View | None:
     if not jnp.issubdtype(op.params["new_dtype"], jnp.floating):
       return None
     return view._replace(chain=view.chain + (index,))
-  if op.prim in _PERMUTING or op.prim.name == _PVARY:
+  if op.prim in _PERMUTING:
     perm = view.perm
     if op.prim is prims.transpose_p and perm is not None:
       perm = tuple(perm[a] for a in op.params["permutation"])
@@ -292,7 +291,7 @@ def zeros(aval: Any) -> jax.Array:
   z = jnp.zeros(aval.shape, aval.dtype)
   spec = getattr(getattr(aval, "sharding", None), "spec", ())
   if any(s is not None for s in spec):
-    z = jax.sharding.reshard(z, spec)
+    z = jax.sharding.reshard(z, aval.sharding)
   varying = varying_axes(aval)
   if varying:
     z = jax.lax.pcast(z, varying, to="varying")

@@ -19,6 +19,7 @@ the index comes first: ``3/attn/qkv/kernel``).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -92,15 +93,27 @@ def _match(parts: Sequence[str], rules: _Rules) -> tuple[int, int]:
 
 
 def _floating_paths(tree: Any) -> list[tuple[list[str], Any]]:
-  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None or _variable(x))[0]
-  flat = [(path, x.get_value() if _variable(x) else x) for path, x in flat]
+  flat = _flatten(tree, is_leaf=lambda x: x is None or _variable(x))
   return [([key_str(e) for e in path], x) for path, x in flat if _norms.is_inexact(x)]
 
 
+def _flatten(tree: Any, is_leaf: Any) -> list[tuple[tuple[Any, ...], Any]]:
+  """`tree`'s leaves with their paths; a Flax `nnx.Variable`'s path ends at
+  the variable (``layer1/kernel``, not ``layer1/kernel/value``), then goes on
+  into its value if that is itself a tree."""
+  out = []
+  for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]:
+    if _variable(x):
+      value = x.get_value() if hasattr(x, "get_value") else x.value
+      out.extend((path + sub, v) for sub, v in _flatten(value, is_leaf))
+    else:
+      out.append((path, x))
+  return out
+
+
 def _variable(x: Any) -> bool:
-  """A Flax `nnx.Variable`: its path ends at the variable (``layer1/kernel``,
-  not ``layer1/kernel/value``)."""
-  return type(x).__module__.startswith("flax.") and callable(getattr(x, "get_value", None))
+  nnx = sys.modules.get("flax.nnx")  # never imported here: Flax is optional
+  return nnx is not None and isinstance(x, nnx.Variable)
 
 
 def layer_counts(tree: Any, rules: _Rules) -> list[int]:

@@ -84,11 +84,11 @@ class SpamClipState(NamedTuple):
     scale: Per tensor, the smallest factor an entry was multiplied by,
       ``sqrt(threshold / ratio)`` (1 when none was clipped).
     clipped: Per tensor, whether any entry was clipped.
-    v: A tree shaped like the parameters: for each floating leaf the EMA of
-      its squared clipped gradient (float32 for bf16, fp16 and float32
-      leaves), with the leaf's sharding; zeros like any other leaf (as
-      optax's moments), never read. `optax.tree_utils.tree_map_params`
-      reaches it.
+    v: A tree shaped like the parameters (as optax's moments, so that
+      `optax.tree_utils.tree_map_params` reaches it): for each floating leaf
+      the EMA of its squared clipped gradient (float32 for bf16, fp16 and
+      float32 leaves), sharded like the leaf; non-floating leaves hold
+      zeros, never read.
   """
 
   count: jax.Array

@@ -269,3 +269,20 @@ def test_nnx_tensor_names_end_at_the_variable():
       if k.startswith("clip/norm/")
     )
     assert names == want and not any(n.endswith("value") for n in names)
+
+
+def test_nnx_names_of_subclassed_and_tree_valued_variables():
+  class LoRAParam(nnx.Param):  # a user's Variable type
+    pass
+
+  class Model(nnx.Module):
+    def __init__(self):
+      self.w = nnx.Param(jnp.ones((2, 3)))
+      self.lora = LoRAParam(jnp.ones(3))
+      self.pair = nnx.Param({"a": jnp.ones(4), "b": jnp.ones(5)})
+
+  state = nnx.state(Model(), nnx.Param)
+  tx = jaxclip.clip_by_norm(0.1)
+  _, clip_state = tx.update(state, tx.init(state))
+  names = sorted(k for k in jaxclip.stats(clip_state, params=state) if k.startswith("clip/norm/"))
+  assert names == ["clip/norm/lora", "clip/norm/pair/a", "clip/norm/pair/b", "clip/norm/w"]

@@ -203,6 +203,18 @@ def test_guards_forward_extra_args_through_multisteps(guard):
   assert seen[-1]["value"] == 2.5
 
 
+def test_a_plain_transformation_gets_no_extra_args():
+  # Under optax's contract a plain GradientTransformation takes no extra
+  # arguments, even if its update accepts **kwargs (and passes them on).
+  inner = optax.scale_by_adam()
+  plain = optax.GradientTransformation(
+    inner.init, lambda u, s, p=None, **kw: inner.update(u, s, p, **kw)
+  )
+  opt = skip_nonfinite(plain)
+  u, _ = opt.update({"w": jnp.ones(2)}, opt.init({"w": jnp.ones(2)}), loss=1.0)
+  assert np.all(np.isfinite(np.asarray(u["w"])))
+
+
 def test_skip_nonfinite_bad_argument():
   with pytest.raises(ValueError, match="max_consecutive"):
     skip_nonfinite(optax.sgd(1.0), max_consecutive=-1)

@@ -178,3 +178,37 @@ def test_microbatches_of_a_sharded_batch_move_no_example(axis_type, method):
         small(replicated, sharded)
   _assert_same(got, info, want, want_info)
   assert _moves_data(compiled.as_text()) == []
+
+
+def test_inside_shard_map_a_loss_varying_beyond_the_params_is_refused():
+  # The loss varies over "m" through an argument split over it: JAX sums the
+  # gradient of parameters that do not vary over "m" across it, which ghost
+  # norms (from one device's activations) cannot see; "vmap" clips that sum.
+  mesh = jax.make_mesh((2, 4), ("d", "m"), axis_types=(AxisType.Explicit,) * 2)
+  ks = jax.random.split(jax.random.key(5), 3)
+  params = {"w": jax.random.normal(ks[0], (3, 2))}
+  batch = {"x": jax.random.normal(ks[1], (8, 3))}
+  s_all = jax.random.normal(ks[2], (12,))  # each "m" device holds its own 3
+
+  def loss(p, b, s):
+    return jnp.sum(((b["x"] * s) @ p["w"]) ** 2, axis=-1)
+
+  def run(method):
+    def local(p, b, s):
+      p = jax.lax.pcast(p, "d", to="varying")
+      g, info = jaxclip.clipped_grad(loss, 1.0, method=method)(p, b, s)
+      return info.norms
+
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(P(), P("d"), P("m")), out_specs=P("d"))
+    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+    return jax.jit(fn)(put(params, P()), put(batch, P("d")), put(s_all, P("m")))
+
+  for method in ("ghost", "auto"):
+    with pytest.raises(ValueError, match=r"varies over the mesh axes \['m'\]"):
+      run(method)
+  x, w, s = np.asarray(batch["x"]), np.asarray(params["w"]), np.asarray(s_all).reshape(4, 3)
+  want = [
+    np.linalg.norm(sum(np.outer(x[i] * s[j], 2 * (x[i] * s[j]) @ w) for j in range(4)))
+    for i in range(8)
+  ]
+  np.testing.assert_allclose(run("vmap"), want, rtol=1e-5)
