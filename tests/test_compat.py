@@ -96,6 +96,20 @@ def test_torch_edge_cases():
   assert out["a"] is None
 
 
+def test_torch_generators_of_gradients():
+  # PyTorch's `clip_grad_norm_(model.parameters(), ...)` idiom: a generator
+  # is read once; an empty one warns (clip_grad_norm_ only) and gives 0.
+  g = [jnp.array([3.0, 4.0])]
+  clipped, norm = ctorch.clip_grad_norm((x for x in g), 1.0)
+  np.testing.assert_allclose(clipped[0], [0.6, 0.8], rtol=1e-5)
+  assert float(norm) == 5.0
+  assert float(ctorch.get_total_norm(x for x in g)) == 5.0
+  np.testing.assert_array_equal(ctorch.clip_grad_value((x for x in g), 1.0)[0], [1.0, 1.0])
+  with pytest.warns(UserWarning, match="`parameters` is an empty generator"):
+    clipped, norm = ctorch.clip_grad_norm((x for x in []), 1.0)
+  assert clipped == [] and float(norm) == 0.0
+
+
 def test_torch_errors():
   with pytest.raises(ValueError, match="norm_type"):
     ctorch.get_total_norm([jnp.ones(2)], "euclid")

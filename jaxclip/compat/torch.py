@@ -37,6 +37,8 @@ returned. See ``docs/porting.md`` for a side-by-side comparison.
 from __future__ import annotations
 
 import math
+import types
+import warnings
 from typing import Any
 
 import jax
@@ -154,6 +156,32 @@ def _pow(a: jax.Array, e: float) -> jax.Array:
   return a**e
 
 
+def _materialised(grads: Any, warn: bool = False) -> Any:
+  """`grads` as a list if it is a generator (PyTorch's `parameters` idiom),
+  with `clip_grad_norm_`'s warning for an empty one (`warn`); any other tree
+  as it is."""
+  if not isinstance(grads, types.GeneratorType):
+    return grads
+  grads = list(grads)
+  if warn and not grads:
+    warnings.warn(
+      "`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3
+    )
+  return grads
+
+
+def _moved(v: jax.Array, x: jax.Array) -> jax.Array:
+  """`v` on the device of the concrete array `x` when both sit on single,
+  different devices (PyTorch's ``.to(device)`` for gradients spread over
+  devices); else `v` (under `jax.jit`, or sharded arrays)."""
+  if not all(isinstance(a, jax.Array) and _validate.is_concrete(a) for a in (v, x)):
+    return v
+  here, there = v.devices(), x.devices()
+  if here == there or len(here) != 1 or len(there) != 1:
+    return v
+  return jax.device_put(v, next(iter(there)))
+
+
 def get_total_norm(
   grads: Any,
   norm_type: NormType = 2.0,
@@ -222,14 +250,15 @@ def get_total_norm(
     PyTorch, [torch.nn.utils.get_total_norm](https://pytorch.org/docs/stable/generated/torch.nn.utils.get_total_norm.html).
   """
   p = _norm_type(norm_type)
-  leaves = _tree.inexact_leaves(grads)
+  leaves = _tree.inexact_leaves(_materialised(grads))
   if not leaves:
     return jnp.zeros((), jnp.float32)
   _check_no_empty_for_max(leaves, p, foreach)
   groups: dict[jnp.dtype, list[jax.Array]] = {}
   for x in leaves:
     groups.setdefault(x.dtype, []).append(_vector_norm(x, p))
-  norms = [n for group in groups.values() for n in group]
+  # Each norm on its leaf's device, gathered on the first leaf's (PyTorch).
+  norms = [_moved(n, leaves[0]) for group in groups.values() for n in group]
   dtype = jnp.result_type(*norms)
   total = _vector_norm(jnp.stack([n.astype(dtype) for n in norms]), p)
   if error_if_nonfinite:
@@ -321,9 +350,9 @@ def clip_grads_with_norm(
 
   def scale(x):
     dtype = jnp.promote_types(x.dtype, coef.dtype)
-    return (x.astype(dtype) * coef.astype(dtype)).astype(x.dtype)
+    return (x.astype(dtype) * _moved(coef, x).astype(dtype)).astype(x.dtype)
 
-  return _tree.map_inexact(scale, grads)
+  return _tree.map_inexact(scale, _materialised(grads))
 
 
 def clip_grad_norm(
@@ -367,6 +396,7 @@ def clip_grad_norm(
   References:
     PyTorch, [torch.nn.utils.clip_grad_norm_](https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_norm_.html).
   """
+  grads = _materialised(grads, warn=True)
   total = get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
   return clip_grads_with_norm(grads, max_norm, total), total
 
@@ -409,6 +439,7 @@ def clip_grad_value(
   """
   del foreach
   clip_value = _threshold(clip_value, "clip_value")
+  grads = _materialised(grads)
   for x in _tree.inexact_leaves(grads):
     _check_clamp_bound(x.dtype, clip_value)
 

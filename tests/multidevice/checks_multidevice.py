@@ -505,6 +505,25 @@ def test_every_transform_on_sharded_leaves(axis_type, transform, layout):
     assert _data_moving_ops(hlo) == []
 
 
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_torch_port_with_gradients_on_different_devices(norm_type):
+  # PyTorch's test_clip_grad_norm_multi_device: two layers' gradients on two
+  # devices. Each norm is taken on its device and gathered on the first
+  # one; the scale goes to each gradient's device.
+  from jaxclip.compat import torch as ctorch
+
+  host = [jnp.ones((10, 10)), jnp.ones(10), 2 * jnp.ones((10, 10)), jnp.ones(10)]
+  devices = jax.devices()[:2]
+  spread = [jax.device_put(g, devices[i // 2]) for i, g in enumerate(host)]
+  clipped, norm = ctorch.clip_grad_norm(spread, 0.5, norm_type)
+  want, want_norm = ctorch.clip_grad_norm(host, 0.5, norm_type)
+  np.testing.assert_allclose(norm, want_norm, rtol=1e-6)
+  for c, w, g in zip(clipped, want, spread, strict=True):
+    np.testing.assert_allclose(c, w, rtol=1e-6)
+    assert c.devices() == g.devices()
+  np.testing.assert_allclose(ctorch.get_total_norm(spread, norm_type), want_norm, rtol=1e-6)
+
+
 @pytest.mark.parametrize("transform", [t for t in TRANSFORMS if not t.endswith("_layers")])
 def test_init_under_set_mesh_keeps_the_parameters_sharding(transform):
   """`jax.jit(tx.init)` inside `jax.set_mesh` (Explicit axes): every state
