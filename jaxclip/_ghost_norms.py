@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxclip._ghost_trace import Program, Use
+from jaxclip._ghost_trace import Program, Use, explicitly_sharded
 
 _HIGHEST = lax.Precision.HIGHEST
 Axes = tuple[int, ...]
@@ -246,14 +246,9 @@ def _einsum(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
   summed over the devices; factors split on their positions (a
   sequence-sharded batch) are gathered, as a Gram matrix of all positions
   needs them."""
-  sharded = any(_explicitly_sharded(x) for x in (a, b))
+  sharded = any(explicitly_sharded(jax.typeof(x)) for x in (a, b))
   kw = {"out_sharding": jax.sharding.PartitionSpec()} if sharded else {}
   return jnp.einsum(subscripts, a, b, precision=_HIGHEST, **kw)
-
-
-def _explicitly_sharded(x: jax.Array) -> bool:
-  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", ())
-  return any(s is not None for s in spec)
 
 
 def use_ghost(sizes: Sequence[tuple[int, int, int, int]]) -> bool:

@@ -289,13 +289,18 @@ def zeros(aval: Any) -> jax.Array:
   a cotangent of the same type (plain zeros would be broadcast to it, and
   their cotangent summed over the devices)."""
   z = jnp.zeros(aval.shape, aval.dtype)
-  spec = getattr(getattr(aval, "sharding", None), "spec", ())
-  if any(s is not None for s in spec):
+  if explicitly_sharded(aval):
     z = jax.sharding.reshard(z, aval.sharding)
   varying = varying_axes(aval)
   if varying:
     z = jax.lax.pcast(z, varying, to="varying")
   return z
+
+
+def explicitly_sharded(aval: Any) -> bool:
+  """Whether values of the type `aval` are split over explicit mesh axes."""
+  spec = getattr(getattr(aval, "sharding", None), "spec", ())
+  return any(s is not None for s in spec)
 
 
 def varying_axes(aval: Any) -> tuple[str, ...]:

@@ -47,39 +47,6 @@ def _problem(lookup: str = "gather"):
   return loss, params, {"ids": ids, "next": jnp.roll(ids, -1, axis=1)}
 
 
-def _check(loss, params, batch, axis_type):
-  fn = jax.jit(jaxclip.clipped_grad(loss, 0.5, method="ghost"))
-  want, want_info = fn(params, batch)
-  mesh = jax.make_mesh((8,), ("d",), axis_types=(axis_type,))
-  with jax.set_mesh(mesh):
-    sharded = jax.device_put(batch, NamedSharding(mesh, P("d")))
-    replicated = jax.device_put(params, NamedSharding(mesh, P()))
-    compiled = fn.lower(replicated, sharded).compile()
-    got, info = compiled(replicated, sharded)
-  np.testing.assert_allclose(info.norms, want_info.norms, rtol=1e-5)
-  assert int(info.num_clipped) == int(want_info.num_clipped) > 0
-  scale = max(float(np.max(np.abs(b))) for b in jax.tree.leaves(want))
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale)
-  assert info.norms.sharding.spec == P("d")  # per-example values stay where they were
-  hlo = compiled.as_text()
-  moving = [
-    line
-    for line in hlo.splitlines()
-    if any(f"{op}(" in line or f"{op}-start(" in line for op in MOVES_DATA)
-  ]
-  assert moving == []
-  assert "all-reduce" in hlo  # only the sums cross devices
-
-
-def test_sharded_batch_gives_the_same_result_without_gathering():
-  _check(*_problem(), AxisType.Auto)
-
-
-def test_explicit_axes():
-  _check(*_problem("one_hot"), AxisType.Explicit)
-
-
 def _moves_data(hlo: str) -> list[str]:
   return [
     line
@@ -93,6 +60,31 @@ def _assert_same(got, info, want, want_info):
   scale = max(float(np.max(np.abs(b))) for b in jax.tree.leaves(want))
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale)
+
+
+def _check(loss, params, batch, axis_type):
+  fn = jax.jit(jaxclip.clipped_grad(loss, 0.5, method="ghost"))
+  want, want_info = fn(params, batch)
+  mesh = jax.make_mesh((8,), ("d",), axis_types=(axis_type,))
+  with jax.set_mesh(mesh):
+    sharded = jax.device_put(batch, NamedSharding(mesh, P("d")))
+    replicated = jax.device_put(params, NamedSharding(mesh, P()))
+    compiled = fn.lower(replicated, sharded).compile()
+    got, info = compiled(replicated, sharded)
+  _assert_same(got, info, want, want_info)
+  assert int(info.num_clipped) == int(want_info.num_clipped) > 0
+  assert info.norms.sharding.spec == P("d")  # per-example values stay where they were
+  hlo = compiled.as_text()
+  assert _moves_data(hlo) == []
+  assert "all-reduce" in hlo  # only the sums cross devices
+
+
+def test_sharded_batch_gives_the_same_result_without_gathering():
+  _check(*_problem(), AxisType.Auto)
+
+
+def test_explicit_axes():
+  _check(*_problem("one_hot"), AxisType.Explicit)
 
 
 @pytest.mark.parametrize("method", ["ghost", "auto", "vmap"])
