@@ -245,7 +245,7 @@ def _ghost_run(
     others = [*call.rest, *examples, *call.extra]
     out = jax.vmap(gp.example, in_axes=(None, axes))(call.diff, others)
     loss, aux, saved, cots, grads = out
-    norms = gp.norms(gp.squared_norms(call.diff, saved, cots, loss.shape[0]), grads)
+    norms = gp.norms(gp.ghost_norms(call.diff, saved, cots, loss.shape[0]), grads)
     scale, clipped, bad = _weights(loss, norms, l2_norm_clip)
     sums = gp.sums(call.diff, saved, cots, grads, scale)
     return sums, _Stats(loss, norms, clipped, bad, aux)

@@ -260,17 +260,18 @@ def use_ghost(sizes: Sequence[tuple[int, int, int, int]]) -> bool:
   return h * positions * positions <= h * ka * kb
 
 
-def squared_norm(
+def norm(
   factors: list[tuple[Factor, Factor]], sizes: list, ghost: bool, *, balance: bool = False
 ) -> jax.Array:
-  """The squared norm of one example's gradient of a parameter, the sum
-  over its uses of the factors given (oriented alike), in float32; with
-  `balance`, ghost norms from balanced factors (exact for any factors, at
-  the price of scaled copies of them; see `in_range`)."""
+  """The norm of one example's gradient of a parameter, the sum over its
+  uses of the factors given (oriented alike), in float32; with `balance`,
+  ghost norms from balanced factors (exact for any factors, at the price of
+  scaled copies of them; see `in_range`). The root is taken before the
+  scaling is undone, so a norm in the float32 range is never lost to its
+  square's underflow or overflow."""
   if not ghost:
     _, _, ka, kb = sizes[0]
-    total = sum(_materialized(a, b, ka, kb) for a, b in factors)
-    return jnp.sum(jnp.square(total))
+    return _scaled_norm(sum(_materialized(a, b, ka, kb) for a, b in factors))
   exponent = jnp.zeros((), jnp.int32)
   if balance:
     factors, exponent = _balanced(factors)
@@ -280,8 +281,24 @@ def squared_norm(
       c, d = factors[j]
       term = jnp.sum(_gram(a, c) * _gram(b, d))
       out = out + (term if i == j else 2 * term)
-  back = _power_of_two(jnp.clip(exponent, -126, 127))
-  return out * back * back
+  return _times_power_of_two(jnp.sqrt(jnp.maximum(out, 0)), exponent)
+
+
+def _scaled_norm(x: jax.Array) -> jax.Array:
+  """The Euclidean norm of float32 `x`, its entries scaled by a power of two
+  near their largest magnitude first: their squares neither underflow nor
+  overflow (an inf or NaN entry gives an inf or NaN norm)."""
+  e = _exponent_of(jnp.max(jnp.abs(x), initial=0))
+  scaled = x * _power_of_two(jnp.clip(-e, -126, 126))
+  return _times_power_of_two(jnp.sqrt(jnp.sum(jnp.square(scaled))), e)
+
+
+def _times_power_of_two(x: jax.Array, e: jax.Array) -> jax.Array:
+  """``x * 2**e`` for an integer `e` beyond one float32 power's range (the
+  product of two balanced sides), in two exact steps."""
+  half = e // 2
+  x = x * _power_of_two(jnp.clip(half, -126, 127))
+  return x * _power_of_two(jnp.clip(e - half, -126, 127))
 
 
 # The Gram products of factors in range stay below 2**_GRAM_MAX and, for the

@@ -74,9 +74,9 @@ class GhostPass:
     cots, grads = vjp_fn(jnp.ones_like(loss))
     return loss, aux, saved, cots, grads
 
-  def squared_norms(self, diff: list[Any], saved: dict, cots: dict, size: int) -> jax.Array:
-    """Per example (`size` of them, batched `saved` and `cots`), the squared
-    norm of the ghost-clipped parameters' gradient.
+  def ghost_norms(self, diff: list[Any], saved: dict, cots: dict, size: int) -> jax.Array:
+    """Per example (`size` of them, batched `saved` and `cots`), the norm of
+    each ghost-clipped parameter's gradient, shape ``[size, P]``.
 
     On one device, taken from the factors as they are; only when some
     example's factors are out of the range where that is exact
@@ -86,26 +86,27 @@ class GhostPass:
     split over devices, a pass one example at a time would gather it, so
     every norm is taken from balanced factors."""
     if not any(p.kind == "ghost" for p in self.plan):
-      return jnp.zeros((size,), jnp.float32)
+      return jnp.zeros((size, 0), jnp.float32)
 
     def norms(balance: bool) -> tuple[jax.Array, jax.Array]:
-      return jax.vmap(lambda s, c: self._squared_norm(diff, s, c, balance=balance))(saved, cots)
+      return jax.vmap(lambda s, c: self._param_norms(diff, s, c, balance=balance))(saved, cots)
 
     if not _norms.one_device():
       return norms(balance=True)[0]
-    squared, ok = norms(balance=False)
+    found, ok = norms(balance=False)
 
     def balanced() -> jax.Array:
-      again = jax.lax.map(lambda sc: self._squared_norm(diff, *sc, balance=True)[0], (saved, cots))
-      return jnp.where(ok, squared, again)
+      again = jax.lax.map(lambda sc: self._param_norms(diff, *sc, balance=True)[0], (saved, cots))
+      return jnp.where(ok[:, None], found, again)
 
-    return _norms.cond(jnp.all(ok), lambda: squared, balanced)
+    return _norms.cond(jnp.all(ok), lambda: found, balanced)
 
-  def _squared_norm(
+  def _param_norms(
     self, diff: list[Any], saved: dict, cots: dict, *, balance: bool
   ) -> tuple[jax.Array, jax.Array]:
-    """One example's squared norm, and whether its factors are in range."""
-    total, ok = jnp.zeros((), jnp.float32), jnp.ones((), bool)
+    """One example's norm of each ghost-clipped parameter's gradient, and
+    whether its factors are in range."""
+    out, ok = [], jnp.ones((), bool)
     for p in self.plan:
       if p.kind != "ghost":
         continue
@@ -114,15 +115,17 @@ class GhostPass:
         inputs = {**self._literals(u.op), **saved[u.op], **self._view_values(u.op, diff)}
         a, b = geom.factors(inputs, cots[u.op])
         factors.append((b, a) if flip else (a, b))
-      sizes = list(p.sizes)
-      total = total + _ghost_norms.squared_norm(factors, sizes, p.ghost, balance=balance)
+      out.append(_ghost_norms.norm(factors, list(p.sizes), p.ghost, balance=balance))
       if p.ghost and not balance:
         ok &= _ghost_norms.in_range(factors)
-    return total, ok
+    return jnp.stack(out), ok
 
-  def norms(self, squared: jax.Array, grads: dict[int, jax.Array]) -> jax.Array:
-    """Per example, the global norm of the ghost and the perturbed parts."""
-    leaves = [jnp.sqrt(jnp.maximum(squared, 0))] + [grads[k] for k in self.perturbed]
+  def norms(self, ghost: jax.Array, grads: dict[int, jax.Array]) -> jax.Array:
+    """Per example, the global norm of the ghost-clipped parameters (their
+    norms `ghost`, ``[B, P]``) and the perturbed ones (their gradients)."""
+    leaves = ([ghost] if ghost.shape[1] else []) + [grads[k] for k in self.perturbed]
+    if not leaves:
+      return jnp.zeros(ghost.shape[:1], jnp.float32)
     return _norms.tree_norm(leaves, 2.0, batch_ndim=1)
 
   def sums(

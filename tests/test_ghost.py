@@ -355,6 +355,36 @@ def test_ghost_norms_of_unbalanced_factors(scale):
   _assert_trees_close(out["ghost"][0], out["vmap"][0], 1e-5)
 
 
+@pytest.mark.parametrize("size", [1e-20, 1e-30, 1e20, 1e30])
+@pytest.mark.parametrize("layer", ["dense", "sequence", "lookup", "materialized"])
+def test_tiny_and_huge_per_example_norms_are_measured(layer, size):
+  # Per-example norms whose squares leave float32 (norm 2e-20: squared norm
+  # 4e-40, flushed to 0, and the example went into the sum unclipped; norm
+  # 2e20: squared norm inf, and the example was dropped as non-finite).
+  if layer == "dense":  # T = 1: ghost norms of one position
+    params, batch = {"v": jnp.ones((4, 1))}, jnp.full((2, 1, 4), size)
+  elif layer == "sequence":  # T = 6 positions
+    params, batch = {"v": jnp.ones((4, 1))}, jnp.full((2, 6, 4), size)
+  elif layer == "lookup":
+    params, batch = {"e": jnp.full((5, 4), 0.5)}, jnp.array([[1, 2], [3, 3]])
+  else:  # T**2 > K_a * K_b: the gradient is formed, then measured
+    params, batch = {"v": jnp.ones((2, 2))}, jnp.full((2, 8, 2), size)
+
+  def loss(p, b):
+    if layer == "lookup":
+      return jnp.sum(p["e"][b] * size, (1, 2))
+    return jnp.sum(b @ p["v"], (1, 2))
+
+  clip = size * 1e-2  # below every norm: each example is clipped to it
+  out, want = _clipped_both_ways(loss, params, batch, clip)
+  assert np.all(np.isfinite(want)) and np.all(want > clip)
+  for method, (grads, info) in out.items():
+    np.testing.assert_allclose(info.norms, want, rtol=1e-5, err_msg=method)
+    assert int(info.num_clipped) == 2 and int(info.num_nonfinite) == 0, method
+    total = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree.leaves(grads)))
+    assert total <= 2 * clip * (1 + 1e-5), method
+
+
 def test_one_huge_position_does_not_flush_the_others():
   # Position 0 holds activations of 1e21 (padding) with a zero cotangent,
   # or activations of 1e21 with cotangents of 1e-21: scaling each side by its
