@@ -21,9 +21,17 @@ def resolve(
   value: Threshold, count: jax.Array, dtype: jnp.dtype, name: str | None = None
 ) -> jax.Array:
   """The value of a threshold at step `count`, as an array of `dtype`; given
-  its `name`, checked to be a scalar (a schedule's or traced value too)."""
+  its `name`, checked to be a scalar (a schedule's or traced value too) and
+  a schedule's concrete value (outside `jax.jit`) to be a valid threshold."""
   if callable(value):
     value = value(count)
+    if name is not None and _validate.is_concrete(value):
+      try:
+        _validate.check_threshold(value, name)
+      except (TypeError, ValueError) as e:
+        raise type(e)(
+          f"The schedule given as `{name}` returned {value!r} at step {count}: {e}"
+        ) from None
   out = jnp.asarray(value).astype(dtype)
   if name is not None:
     _validate.check_scalar(out, name)
@@ -61,8 +69,9 @@ def clip_scale(norm: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Ar
   return jnp.where(clipped, threshold / safe_norm, 1).astype(norm.dtype), clipped
 
 
-def with_extra_args(tx: Any) -> optax.GradientTransformationExtraArgs:
-  """`tx` as a transformation whose `update` takes extra keyword arguments.
+def with_extra_args(tx: Any, name: str = "inner") -> optax.GradientTransformationExtraArgs:
+  """`tx` (the argument `name`) as a transformation whose `update` takes
+  extra keyword arguments.
 
   `optax.with_extra_args_support` drops them for any `tx` that is not a
   `GradientTransformationExtraArgs`. `optax.MultiSteps` is not one, yet
@@ -71,6 +80,9 @@ def with_extra_args(tx: Any) -> optax.GradientTransformationExtraArgs:
   """
   if isinstance(tx, optax.GradientTransformationExtraArgs):
     return tx
+  if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+    hint = " (an optimizer factory: call it, e.g. `optax.sgd(0.1)`)" if callable(tx) else ""
+    raise TypeError(f"`{name}` must be an optax.GradientTransformation, got {tx!r}{hint}.")
   if isinstance(tx, optax.MultiSteps) or isinstance(
     getattr(tx.update, "__self__", None), optax.MultiSteps
   ):

@@ -99,7 +99,7 @@ class TrainState(train_state.TrainState):
     overwrite = OVERWRITE_WITH_GRADIENT in grads
     grads_with_opt = grads["params"] if overwrite else grads
     params_with_opt = self.params["params"] if overwrite else self.params
-    tx = _base.with_extra_args(self.tx)
+    tx = _base.with_extra_args(self.tx, "tx")
     updates, new_opt_state = tx.update(
       grads_with_opt, self.opt_state, params_with_opt, **extra_args
     )

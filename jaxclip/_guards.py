@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -53,15 +54,28 @@ class SkipOnSpikeState(NamedTuple):
     }
 
 
-def _is_outlier(value, history, filled, n_sigma, min_history):
-  """Whether `value` exceeds mean + n_sigma * std of the finite valid history."""
+def _is_outlier(value, history, filled, n_sigma, min_history, two_sided):
+  """Whether `value` exceeds mean + n_sigma * std of the finite valid history
+  (with `two_sided`, lies more than n_sigma * std from the mean)."""
   valid = (jnp.arange(history.shape[0]) < filled) & jnp.isfinite(history)
   n = jnp.sum(valid)
   safe = jnp.where(valid, history, 0)
   mean = jnp.sum(safe) / jnp.maximum(n, 1)
   var = jnp.sum(jnp.where(valid, jnp.square(safe - mean), 0)) / jnp.maximum(n - 1, 1)
-  bound = mean + jnp.asarray(n_sigma, history.dtype) * jnp.sqrt(var)
-  return (n >= min_history) & (value > bound)
+  band = jnp.asarray(n_sigma, history.dtype) * jnp.sqrt(var)
+  outside = jnp.abs(value - mean) > band if two_sided else value > mean + band
+  return (n >= min_history) & outside
+
+
+def _loss(value: Any, dtype: jnp.dtype) -> jax.Array:
+  """The `loss=` of a step as a scalar of `dtype`."""
+  loss = jnp.asarray(value)
+  if loss.shape:
+    raise ValueError(
+      f"`loss` must be a scalar (the step's loss), got an array of shape {loss.shape}."
+      " Pass its mean, e.g. `loss=jnp.mean(per_example_losses)`."
+    )
+  return loss.astype(dtype)
 
 
 def skip_on_spike(
@@ -71,6 +85,7 @@ def skip_on_spike(
   min_history: int = 64,
   *,
   record_skipped: bool = True,
+  two_sided: bool = False,
   axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Skips steps whose gradient norm or loss spikes above its recent history.
@@ -79,8 +94,10 @@ def skip_on_spike(
   the inner optimizer's state untouched) when the global norm of the
   gradients, or the loss passed as ``update(..., loss=loss)``, exceeds the
   mean of the last `window` values by more than `n_sigma` sample standard
-  deviations. Nothing is skipped for spikes until `min_history` values are
-  known. Non-finite norms or losses are always skipped and never recorded.
+  deviations (with ``two_sided=True``, lies that far from the mean on either
+  side, as OLMo-core's newer versions test ``|value - mean| / std``). Nothing
+  is skipped for spikes until `min_history` values are known. Non-finite
+  norms or losses are always skipped and never recorded.
 
   History of skipped steps: by default (``record_skipped=True``, as OLMo
   does) every finite value enters the window, skipped or not, so the window
@@ -111,6 +128,8 @@ def skip_on_spike(
       (``rolling_interval_length // 2``) are ``min_history=63`` here.
     record_skipped: Whether values of skipped (finite) steps enter the
       history.
+    two_sided: Whether a sudden drop (of the norm or the loss) is a spike
+      too. Off by default: a loss that falls is seldom a step to undo.
     axis_name: Inside `jax.shard_map` or `jax.pmap` with gradients split over
       devices, the mapped axis to sum the partial norms over, so that every
       device sees the same norm and every device skips the same steps (the loss
@@ -123,7 +142,8 @@ def skip_on_spike(
 
   Raises:
     ValueError: For `window < 2`, `min_history` outside ``[2, window]`` or a
-      concrete negative or NaN `n_sigma`.
+      concrete negative or NaN `n_sigma`; at `update`, for a `loss` that is
+      not a scalar.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -151,7 +171,9 @@ def skip_on_spike(
       " window never holds more values. Lower `min_history` or widen `window`."
     )
   _validate.check_threshold(n_sigma, "n_sigma", allow_schedule=False)
+  two_sided = _validate.check_bool(two_sided, "two_sided")
   inner = _base.with_extra_args(inner)
+  outlier = functools.partial(_is_outlier, n_sigma=n_sigma, min_history=need, two_sided=two_sided)
 
   def init_fn(params):
     dtype = _base.record_dtype(params)
@@ -167,15 +189,15 @@ def skip_on_spike(
     dtype = state.norm_history.dtype
     norm = _norms.global_norm(updates, axis_name=axis_name).astype(dtype)
     has_loss = extra_args.get("loss") is not None
-    loss = jnp.asarray(extra_args["loss"], dtype) if has_loss else jnp.full([], jnp.nan, dtype)
+    loss = _loss(extra_args["loss"], dtype) if has_loss else jnp.full([], jnp.nan, dtype)
     if has_loss and axis_name is not None:
       # One decision for all devices: the mean, as a sum of shares (a sum of
       # the losses first could overflow).
       loss = jax.lax.psum(loss / jax.lax.psum(1, axis_name), axis_name)
     finite = jnp.isfinite(norm) & (jnp.isfinite(loss) | (not has_loss))
-    spike = _is_outlier(norm, state.norm_history, state.filled, n_sigma, need)
+    spike = outlier(norm, state.norm_history, state.filled)
     if has_loss:
-      spike = spike | _is_outlier(loss, state.loss_history, state.filled, n_sigma, need)
+      spike = spike | outlier(loss, state.loss_history, state.filled)
     skip = ~finite | spike
     keep = finite & (jnp.asarray(record_skipped) | ~skip)
     norms, filled, position = _adaptive.push(
@@ -222,7 +244,8 @@ class SkipNonFiniteState(NamedTuple):
     return {
       "nonfinite": ~self.last_finite,
       "total_skipped": self.total_skipped,
-      "consecutive_skipped": self.consecutive_skipped,
+      # Steps applied after giving up count too: a run of non-finite steps.
+      "consecutive_nonfinite": self.consecutive_skipped,
       "applied_nonfinite": self.applied_nonfinite,
       "count": self.count,
     }

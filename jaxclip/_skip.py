@@ -49,6 +49,9 @@ memory as the state).
 
 from __future__ import annotations
 
+import os
+import sys
+import sysconfig
 import warnings
 from typing import Any
 
@@ -179,8 +182,34 @@ def _warn_if_selected_after(jaxpr, state_vars) -> None:
       " XLA may copy a donated optimizer state on every step (the results are unchanged)."
       " Reported once per process.",
       StateCopyWarning,
-      stacklevel=4,
+      stacklevel=_caller_level(),
     )
+
+
+# Frames of these packages (and of the standard library) are not the user's.
+_LIBRARIES = ("jax", "jaxlib", "optax", "jaxclip", "flax", "equinox", "chex")
+
+
+def _is_library(filename: str) -> bool:
+  path = os.path.realpath(filename)
+  for name in _LIBRARIES:
+    module = sys.modules.get(name)
+    location = getattr(module, "__file__", None)
+    if location and path.startswith(os.path.join(os.path.dirname(location), "")):
+      return True
+  stdlib = os.path.join(os.path.realpath(sysconfig.get_paths()["stdlib"]), "")
+  return path.startswith(stdlib) and "-packages" not in path[len(stdlib) :]
+
+
+def _caller_level() -> int:
+  """The `stacklevel` that attributes a warning raised by the caller of this
+  function to the user's code that led to it: the first frame outside JAX,
+  optax, jaxclip, the libraries between them and the standard library (under
+  `jax.jit`, the line of the traced function that called the guard)."""
+  frame, level = sys._getframe(1), 1
+  while frame is not None and _is_library(frame.f_code.co_filename):
+    frame, level = frame.f_back, level + 1
+  return level if frame is not None else 1
 
 
 def _is_jaxpr(param: Any) -> bool:

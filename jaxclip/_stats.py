@@ -25,10 +25,12 @@ Scalars = dict[str, jax.Array]
 
 
 def _apply_if_finite(s: optax.ApplyIfFiniteState) -> Scalars:
+  # Non-finite steps, not skipped ones: past `max_consecutive_errors` (not in
+  # the state) optax applies them.
   return {
-    "skipped": ~s.last_finite,
-    "total_skipped": s.total_notfinite,
-    "consecutive_skipped": s.notfinite_count,
+    "nonfinite": ~s.last_finite,
+    "total_nonfinite": s.total_notfinite,
+    "consecutive_nonfinite": s.notfinite_count,
   }
 
 
@@ -172,8 +174,13 @@ def stats(
   (`SpamClipState` and `ClippyState`, which measure entries against a bound,
   as ``ratio_max`` and the same three); with `params`,
   each tensor is also reported as ``{prefix}/norm/layer1/kernel``,
-  ``.../scale/...``, ``.../clipped/...``. Guards report ``skipped`` and
-  ``total_skipped``; `optax.inject_hyperparams` states report their scalar
+  ``.../scale/...``, ``.../clipped/...``. `skip_on_spike` reports
+  ``skipped`` and ``total_skipped``; `skip_nonfinite` reports ``nonfinite``
+  (the last step's gradients were not finite), ``total_skipped``,
+  ``consecutive_nonfinite`` and ``applied_nonfinite``;
+  `optax.apply_if_finite` reports ``nonfinite``, ``total_nonfinite`` and
+  ``consecutive_nonfinite`` (its state does not tell the steps it skipped
+  from those it applied after giving up); `optax.inject_hyperparams` states report their scalar
   hyperparameters as ``{prefix}/hyperparams/learning_rate``.
 
   With several records, each key gets a qualifier after the prefix: the

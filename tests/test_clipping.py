@@ -343,6 +343,21 @@ def test_a_threshold_that_is_not_a_scalar_is_an_error(name, shape):
       jax.jit(tx.update)(g, tx.init(g), g)
 
 
+@pytest.mark.parametrize("name", sorted(SCALAR_THRESHOLDS))
+@pytest.mark.parametrize("bad", [-1.0, float("nan")])
+def test_a_schedules_bad_value_is_an_error_outside_jit(name, bad):
+  """A concrete threshold of -1 is refused; a schedule returning it flipped
+  the updates' sign (optax's behaviour). Outside `jax.jit` its value is
+  known and checked."""
+  arg, make = SCALAR_THRESHOLDS[name]
+  g = {"a": jnp.ones(()), "b": jnp.ones((3,))}
+  tx = make(lambda count: jnp.where(count < 1, 1.0, bad))
+  state = tx.init(g)
+  _, state = tx.update(g, state, g)  # step 0: 1.0
+  with pytest.raises(ValueError, match=rf"schedule given as `{arg}` returned .* at step 1"):
+    tx.update(g, state, g)
+
+
 @pytest.mark.parametrize("bound_shape", [(3, 2), (3,), (2, 1, 1)])
 def test_clip_by_value_bounds_must_not_change_the_shape(bound_shape):
   g = {"w": jnp.ones((2,))} if bound_shape != (2, 1, 1) else {"w": jnp.ones((1, 2))}

@@ -119,6 +119,19 @@ def test_torch_errors():
     ctorch.get_total_norm([jnp.array([jnp.nan])], error_if_nonfinite=True)
 
 
+@pytest.mark.parametrize(
+  "make, arg",
+  [(ctorch.clip_grad_norm_transform, "max_norm"), (ctorch.clip_grad_value_transform, "clip_value")],
+)
+def test_torch_transforms_check_their_threshold_when_built(make, arg):
+  # PyTorch's own wording first, then jaxclip's: at construction, not at the
+  # first step of training.
+  with pytest.raises(ValueError, match=rf"could not convert string to float.*`{arg}`"):
+    make("abc")
+  with pytest.raises(TypeError, match=rf"float\(\) argument.*`{arg}`"):
+    make(None)
+
+
 def test_torch_error_if_nonfinite_under_jit():
   step = jax.jit(lambda g: ctorch.clip_grad_norm(g, 1.0, error_if_nonfinite=True))
   checked = checkify.checkify(step)

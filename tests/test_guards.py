@@ -11,8 +11,11 @@ import pytest
 from jaxclip import SkipNonFiniteState, SkipOnSpikeState, skip_nonfinite, skip_on_spike
 
 
-def ref_skip_on_spike(norms, losses, window, n_sigma, min_history, record_skipped=False):
-  """OLMo's rule (mean + n_sigma * sample std of the finite window), one flag per step."""
+def ref_skip_on_spike(
+  norms, losses, window, n_sigma, min_history, record_skipped=False, two_sided=False
+):
+  """OLMo's rule (mean + n_sigma * sample std of the finite window; with
+  `two_sided`, newer OLMo-core's |value - mean| / std), one flag per step."""
   hist_n, hist_l, skips = [], [], []
   for n, loss in zip(norms, losses, strict=True):
 
@@ -20,7 +23,8 @@ def ref_skip_on_spike(norms, losses, window, n_sigma, min_history, record_skippe
       h = [x for x in h if np.isfinite(x)]
       if len(h) < min_history:
         return False
-      return v > np.mean(h) + n_sigma * np.std(h, ddof=1)
+      z = (v - np.mean(h)) / np.std(h, ddof=1)
+      return (abs(z) if two_sided else z) > n_sigma
 
     finite = np.isfinite(n) and (loss is None or np.isfinite(loss))
     skip = not finite or out(n, hist_n) or (loss is not None and out(loss, hist_l))
@@ -69,6 +73,50 @@ def test_skip_on_spike_matches_reference(use_loss, record_skipped):
   assert got[40] and int(out[-1][1].total_skipped) == sum(expected)
   if not record_skipped:  # recorded spikes widen OLMo's band: 55 and 70 may pass there
     assert got[55] == use_loss and got[70] == use_loss
+
+
+@pytest.mark.parametrize("two_sided", [False, True])
+def test_skip_on_spike_two_sided_matches_reference(two_sided):
+  norms, losses = _stream(3, 60, spikes=(20,))
+  norms[50] /= 5  # sudden drops: a spike only to the two-sided test
+  losses[55] -= 1.0
+  opt = skip_on_spike(optax.sgd(1.0), 16, 4.0, 8, two_sided=two_sided)
+  got = [bool(s.skipped) for _, s in _run(opt, norms, list(losses))]
+  assert got == ref_skip_on_spike(norms, list(losses), 16, 4.0, 8, True, two_sided)
+  assert got[20] and got[50] == two_sided and got[55] == two_sided
+
+
+def test_skip_on_spike_refuses_a_loss_that_is_not_a_scalar():
+  opt = skip_on_spike(optax.sgd(1.0), 8, 6.0, 4)
+  state = opt.init({"w": jnp.zeros(2)})
+  for bad in (jnp.ones(5), jnp.ones(1)):
+    with pytest.raises(ValueError, match=r"`loss` must be a scalar.*jnp.mean"):
+      opt.update({"w": jnp.ones(2)}, state, loss=bad)
+
+
+def test_skip_on_spike_in_multisteps_judges_a_running_mean_loss():
+  # Inside MultiSteps the guard keeps the state of the last microbatch's
+  # call, so it judges the loss passed there: a running mean of the
+  # microbatch losses makes that the accumulated step's mean loss, and a
+  # spike in any microbatch is caught.
+  def run(spiked_microbatch, running_mean):
+    opt = optax.MultiSteps(skip_on_spike(optax.sgd(0.1), 16, 3.0, 4), every_k_schedule=4)
+    params = {"w": jnp.zeros(2)}
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    for step in range(10):
+      total = 0.0
+      for m in range(4):
+        loss = 1.0 + 0.01 * ((step + m) % 3)
+        if step == 9 and m == spiked_microbatch:
+          loss = 1000.0
+        total += loss
+        passed = total / (m + 1) if running_mean else loss
+        _, state = update({"w": jnp.ones(2)}, state, params, loss=jnp.float32(passed))
+    return bool(state.inner_opt_state.skipped)
+
+  assert all(run(m, running_mean=True) for m in range(4))
+  assert [run(m, running_mean=False) for m in range(4)] == [False, False, False, True]
 
 
 def test_skip_on_spike_leaves_inner_state_and_params():
@@ -213,6 +261,14 @@ def test_a_plain_transformation_gets_no_extra_args():
   opt = skip_nonfinite(plain)
   u, _ = opt.update({"w": jnp.ones(2)}, opt.init({"w": jnp.ones(2)}), loss=1.0)
   assert np.all(np.isfinite(np.asarray(u["w"])))
+
+
+@pytest.mark.parametrize("guard", [skip_nonfinite, skip_on_spike])
+def test_guards_refuse_what_is_not_a_transformation(guard):
+  with pytest.raises(TypeError, match=r"`inner` must be an optax.GradientTransformation.*call it"):
+    guard(optax.sgd)  # the factory, not an optimizer
+  with pytest.raises(TypeError, match=r"`inner` must be an optax.GradientTransformation, got None"):
+    guard(None)
 
 
 def test_skip_nonfinite_bad_argument():

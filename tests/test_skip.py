@@ -276,8 +276,10 @@ def _jitted(transform):
 )
 def test_state_selected_after_a_sub_computation_warns_once(inner, cause, monkeypatch):
   monkeypatch.setattr(_skip, "_warned", set())
-  with pytest.warns(_skip.StateCopyWarning, match=rf"`{cause}`.*copy a donated"):
+  with pytest.warns(_skip.StateCopyWarning, match=rf"`{cause}`.*copy a donated") as record:
     _guarded_step(inner)
+  # Attributed to the code that called the guard, not to JAX's tracing.
+  assert [w.filename for w in record] == [__file__]
   with warnings.catch_warnings():
     warnings.simplefilter("error", _skip.StateCopyWarning)
     _guarded_step(inner)  # once per process

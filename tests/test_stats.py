@@ -48,10 +48,36 @@ def test_finds_global_clip_through_wrappers(wrapper, jit):
   np.testing.assert_allclose(out[norm_key], NORM, rtol=1e-6)
   assert all(isinstance(v, jax.Array) and v.shape == () for v in out.values())
   if wrapper in ("apply_if_finite", "skip_nonfinite"):
-    assert f"clip/{wrapper}/total_skipped" in out
+    total = "total_nonfinite" if wrapper == "apply_if_finite" else "total_skipped"
+    assert f"clip/{wrapper}/{total}" in out
     assert "clip/clip_by_global_norm/scale" in out
   else:
     assert _suffixes(out) == GLOBAL_KEYS
+
+
+@pytest.mark.parametrize("guard", ["apply_if_finite", "skip_nonfinite"])
+def test_nonfinite_guards_count_applied_steps_as_nonfinite_not_skipped(guard):
+  # Past its limit a guard applies non-finite steps: stats must not call
+  # them skipped.
+  inner = optax.sgd(1.0)
+  opt = (
+    optax.apply_if_finite(inner, 1)
+    if guard == "apply_if_finite"
+    else (jaxclip.skip_nonfinite(inner, max_consecutive=1))
+  )
+  params = {"w": jnp.zeros(2)}
+  state = opt.init(params)
+  for _ in range(3):
+    u, state = opt.update({"w": jnp.array([1.0, jnp.nan])}, state, params)
+  assert np.isnan(np.asarray(u["w"][1]))  # the third step was applied
+  out = {k.removeprefix("clip/"): v for k, v in stats(state).items()}  # one record
+  assert not any(k.endswith("skipped") and k != "total_skipped" for k in out)
+  assert bool(out["nonfinite"]) and int(out["consecutive_nonfinite"]) == 3
+  if guard == "skip_nonfinite":
+    assert int(out["total_skipped"]) == 1
+    assert int(out["applied_nonfinite"]) == 2
+  else:
+    assert int(out["total_nonfinite"]) == 3
 
 
 def test_keys_are_the_same_eagerly_under_jit_and_at_every_step():

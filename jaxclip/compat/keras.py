@@ -160,7 +160,7 @@ def with_clipping(
   clipnorm = _check(clipnorm, "clipnorm")
   clipvalue = _check(clipvalue, "clipvalue")
   global_clipnorm = _check(global_clipnorm, "global_clipnorm")
-  inner = _base.with_extra_args(tx)
+  inner = _base.with_extra_args(tx, "tx")
 
   def clip(grads):
     # Keras clips only with a value > 0 (`if self.clipnorm and ...`).

@@ -489,8 +489,8 @@ def clip_grad_norm_transform(
     A stateless `optax.GradientTransformationExtraArgs`.
 
   Raises:
-    ValueError: If `norm_type` is a string that is not a number.
-    TypeError: If ``float(norm_type)`` fails otherwise.
+    ValueError: If `norm_type` or `max_norm` is a string that is not a number.
+    TypeError: If ``float(norm_type)`` or ``float(max_norm)`` fails otherwise.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -505,6 +505,7 @@ def clip_grad_norm_transform(
     PyTorch, [torch.nn.utils.clip_grad_norm_](https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_norm_.html).
   """
   _norm_type(norm_type)
+  _threshold(max_norm, "max_norm")  # a bad one fails here, not at the first step
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -524,6 +525,10 @@ def clip_grad_value_transform(
   Returns:
     A stateless `optax.GradientTransformationExtraArgs`.
 
+  Raises:
+    ValueError: If `clip_value` is a string that is not a number.
+    TypeError: If ``float(clip_value)`` fails otherwise.
+
   Examples:
     >>> import jax.numpy as jnp
     >>> from jaxclip.compat import torch
@@ -534,6 +539,7 @@ def clip_grad_value_transform(
   References:
     PyTorch, [torch.nn.utils.clip_grad_value_](https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_value_.html).
   """
+  _threshold(clip_value, "clip_value")
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
