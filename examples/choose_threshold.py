@@ -66,7 +66,7 @@ def train(model, params, tx, data, steps, desc):
   step = make_step(model, tx)
   rng = np.random.default_rng(0)
   losses, clipped, norms = [], 0, []
-  for _ in tqdm(range(steps), desc=desc, leave=False):
+  for _ in tqdm(range(steps), desc=desc, leave=False, disable=None):
     idx = rng.integers(0, len(x_train), BATCH)
     params, opt_state, loss = step(params, opt_state, x_train[idx], y_train[idx])
     losses.append(float(loss))

@@ -82,7 +82,7 @@ def main() -> None:
 
   rng = np.random.default_rng(1)
   norms, norms_after, clipped, skipped_steps = [], [], [], []
-  for _ in tqdm(range(epochs), desc="epochs", leave=False):
+  for _ in tqdm(range(epochs), desc="epochs", leave=False, disable=None):
     order = rng.permutation(len(x_train))
     for i in range(steps_per_epoch):
       idx = order[i * BATCH : (i + 1) * BATCH]

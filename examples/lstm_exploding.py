@@ -73,7 +73,7 @@ def train(max_norm: float, lr: float, steps: int, desc: str):
   tx = optax.chain(jaxclip.clip_by_global_norm(max_norm), optax.sgd(lr, momentum=0.9))
   state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
   losses, norms, after, clipped = [], [], [], []
-  for step in tqdm(range(steps), desc=desc, leave=False):
+  for step in tqdm(range(steps), desc=desc, leave=False, disable=None):
     state, loss, norm, norm_after, was_clipped = train_step(
       state, jax.random.fold_in(jax.random.key(1), step)
     )

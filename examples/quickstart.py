@@ -76,7 +76,7 @@ def train(max_norm, steps, desc, seed=0):
   tx, step = make_train_step(max_norm)
   state = tx.init(params)
   history = []
-  for i in tqdm(range(steps), desc=desc, leave=False):
+  for i in tqdm(range(steps), desc=desc, leave=False, disable=None):
     params, state, loss, before, after = step(params, state, jax.random.key(1000 + i))
     history.append((float(loss), float(before), float(after)))
   return history

@@ -85,7 +85,7 @@ def main():
 
   rng = np.random.default_rng(0)
   clipped, first_loss = 0, None
-  bar = tqdm(range(1, steps + 1), desc="training", leave=False)
+  bar = tqdm(range(1, steps + 1), desc="training", leave=False, disable=None)
   for i in bar:
     starts = rng.integers(0, len(ids) - SEQ - 1, BATCH)
     batch = np.stack([ids[s : s + SEQ + 1] for s in starts])

@@ -261,14 +261,14 @@ def _drift_notes(g: np.ndarray) -> list[str]:
   ratio = late / early
   if ratio < 0.5:
     return [
-      f"The norm fell {1 / ratio:.1f}x from the first to the last quarter of the"
+      f"The norm fell {1 / ratio:.3g}x from the first to the last quarter of the"
       " recording: early-training norms are larger, so this threshold will clip"
       " less often later. For a tighter value, record later steps and pass"
       " `percentile`."
     ]
   if ratio > 2:
     return [
-      f"The norm grew {ratio:.1f}x from the first to the last quarter of the"
+      f"The norm grew {ratio:.3g}x from the first to the last quarter of the"
       " recording: check the run is stable, and re-check the threshold later."
     ]
   return []
@@ -368,8 +368,17 @@ def suggest_max_norm(
   finite = np.isfinite(g_all)
   g = g_all[finite]
   if g.size < min_steps:
+    bad = g_all.size - g.size
+    if bad > g.size:  # mostly inf/NaN: the run diverged, and more of it will not help
+      raise ValueError(
+        f"Only {g.size} of the {g_all.size} recorded steps have a finite norm: the"
+        " run diverged, and its norms say little about a threshold. Record a"
+        " stable run instead: a lower learning rate, or a loose clip after"
+        " `record_norms` (e.g. `clip_by_global_norm(100.0)`), which keeps"
+        " training going while the pre-clip norms are recorded."
+      )
     raise ValueError(
-      f"Only {g.size} finite steps were recorded ({g_all.size - g.size} non-finite);"
+      f"Only {g.size} finite steps were recorded ({bad} non-finite);"
       f" suggest_max_norm needs at least min_steps={min_steps}. Train for more"
       " steps with `record_norms(num_steps=...)` before asking, or lower `min_steps`."
     )
@@ -412,7 +421,7 @@ def _default_rule(g: np.ndarray) -> tuple[float, float, list[str]]:
   fall = first / median if median > 0 else math.inf
   if fall > _SETTLED_FALL:
     notes = [
-      f"The norm fell {fall:.1f}x from its first value ({first:.3g}) to its median"
+      f"The norm fell {fall:.3g}x from its first value ({first:.3g}) to its median"
       f" ({median:.3g}): training settled, so the median is suggested. The large"
       " early steps and later spikes are cut."
     ]
@@ -427,7 +436,7 @@ def _default_rule(g: np.ndarray) -> tuple[float, float, list[str]]:
     ]
   if 2 < fall < 4.5:
     notes.append(
-      f"The fall ({fall:.1f}x) is close to the rule's 3x: the other choice,"
+      f"The fall ({fall:.3g}x) is close to the rule's 3x: the other choice,"
       f" {'a quarter of the median' if fall > _SETTLED_FALL else 'the median'}"
       f" ({(_UNSETTLED_FACTOR if fall > _SETTLED_FALL else 1) * median:.2g}), is as"
       " plausible; a second recording tells them apart."

@@ -177,6 +177,9 @@ def test_suggest_errors():
   rec, _, _ = _record(50, 3)
   with pytest.raises(ValueError, match="Only 3 finite steps"):
     suggest_max_norm(rec)
+  diverged = np.r_[np.linspace(1.0, 50.0, 17), np.full(183, np.inf)]
+  with pytest.raises(ValueError, match="Only 17 of the 200 .* the run diverged"):
+    suggest_max_norm(diverged)
   with pytest.raises(ValueError, match="percentile"):
     suggest_max_norm(np.ones(30), percentile=0)
   with pytest.raises(ValueError, match="percentile"):
