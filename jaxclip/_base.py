@@ -18,24 +18,47 @@ from jaxclip._validate import Threshold
 
 
 def resolve(
-  value: Threshold, count: jax.Array, dtype: jnp.dtype, name: str | None = None
+  value: Threshold,
+  count: jax.Array,
+  dtype: jnp.dtype,
+  name: str | None = None,
+  *,
+  scalar: bool = True,
+  allow_negative: bool = False,
 ) -> jax.Array:
-  """The value of a threshold at step `count`, as an array of `dtype`; given
-  its `name`, checked to be a scalar (a schedule's or traced value too) and
-  a schedule's concrete value (outside `jax.jit`) to be a valid threshold."""
+  """The value of a threshold at step `count`, as an array of `dtype`.
+
+  Given its `name`, a schedule's concrete value (outside `jax.jit`) is
+  checked as a constant one is (`scheduled`), and with `scalar` the value
+  (a traced one too: shapes are known while tracing) must be a scalar.
+  """
   if callable(value):
     value = value(count)
-    if name is not None and _validate.is_concrete(value):
-      try:
-        _validate.check_threshold(value, name)
-      except (TypeError, ValueError) as e:
-        raise type(e)(
-          f"The schedule given as `{name}` returned {value!r} at step {count}: {e}"
-        ) from None
+    if name is not None:
+      check_scheduled(value, name, count, scalar=scalar, allow_negative=allow_negative)
   out = jnp.asarray(value).astype(dtype)
-  if name is not None:
+  if name is not None and scalar:
     _validate.check_scalar(out, name)
   return out
+
+
+def check_scheduled(value: Any, name: str, count: jax.Array, **kwargs: Any) -> None:
+  """Checks the concrete `value` a schedule given as `name` returned at step
+  `count` as `_validate.check_threshold` checks a constant (with its
+  keyword arguments); traced values pass unchecked."""
+  if not _validate.is_concrete(value):
+    return
+  try:
+    _validate.check_threshold(value, name, **kwargs)
+  except (TypeError, ValueError) as e:
+    raise type(e)(
+      f"The schedule given as `{name}` returned {value!r}{at_step(count)}: {e}"
+    ) from None
+
+
+def at_step(count: jax.Array) -> str:
+  """ " at step N" for a concrete step count, else "" (under `jax.jit`)."""
+  return f" at step {int(count)}" if _validate.is_concrete(count) else ""
 
 
 def record_dtype(tree: Any) -> jnp.dtype:

@@ -163,8 +163,16 @@ def clip_by_value(
     del params, extra_args
     count = _base.step_count(state, ClipByValueState, thresholds)
     dtype = _base.record_dtype(updates)
-    lo = _base.resolve(min_value, count, dtype)
-    hi = _base.resolve(max_value, count, dtype)
+    bounds = dict(scalar=False, allow_negative=True)
+    lo = _base.resolve(min_value, count, dtype, "min_value", **bounds)
+    hi = _base.resolve(max_value, count, dtype, "max_value", **bounds)
+    if (callable(min_value) or callable(max_value)) and _validate.is_concrete(lo - hi):
+      if np.any(np.asarray(lo) > np.asarray(hi)):
+        raise ValueError(
+          f"The bounds' schedules gave `min_value` {np.asarray(lo).tolist()} above"
+          f" `max_value` {np.asarray(hi).tolist()}"
+          f"{_base.at_step(count)}; each step needs min_value <= max_value."
+        )
     leaves = _norms.inexact_leaves(updates)
     for x in leaves:
       _check_bounds_fit(x, lo, hi)
@@ -284,7 +292,13 @@ def clip(max_delta: Threshold) -> optax.GradientTransformationExtraArgs:
   _validate.check_threshold(max_delta, "max_delta", scalar=False)
   if callable(max_delta):
     schedule = max_delta
-    return clip_by_value(lambda n: -jnp.asarray(schedule(n)), schedule)
+
+    def checked(count):
+      value = schedule(count)
+      _base.check_scheduled(value, "max_delta", count, scalar=False)
+      return value
+
+    return clip_by_value(lambda n: -jnp.asarray(checked(n)), schedule)
   return clip_by_value(jnp.negative(max_delta), max_delta)
 
 

@@ -141,8 +141,8 @@ def clippy(
       dtype = jnp.result_type(dtype, state.ratio.dtype)
     leaves = _norms.inexact_leaves(updates)
     weights = _weights(leaves, params)
-    rel = _base.resolve(relative, count, dtype)
-    ab = _base.resolve(absolute, count, dtype)
+    rel = _base.resolve(relative, count, dtype, "relative", scalar=False)
+    ab = _base.resolve(absolute, count, dtype, "absolute", scalar=False)
     ratios = [_ratio(u, w, rel, ab, zero_bound).astype(dtype) for u, w in zip(leaves, weights)]
     scales = [_scale(r) for r in ratios]
     it = iter(_base.scale_leaf(u, s) for u, s in zip(leaves, scales))

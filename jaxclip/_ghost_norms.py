@@ -288,8 +288,8 @@ def _scaled_norm(x: jax.Array) -> jax.Array:
   """The Euclidean norm of float32 `x`, its entries scaled by a power of two
   near their largest magnitude first: their squares neither underflow nor
   overflow (an inf or NaN entry gives an inf or NaN norm)."""
-  e = _exponent_of(jnp.max(jnp.abs(x), initial=0))
-  scaled = x * _power_of_two(jnp.clip(-e, -126, 126))
+  e = jnp.clip(_exponent_of(jnp.max(jnp.abs(x), initial=0)), -126, 126)
+  scaled = x * _power_of_two(-e)
   return _times_power_of_two(jnp.sqrt(jnp.sum(jnp.square(scaled))), e)
 
 

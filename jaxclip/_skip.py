@@ -195,7 +195,7 @@ def _is_library(filename: str) -> bool:
   for name in _LIBRARIES:
     module = sys.modules.get(name)
     location = getattr(module, "__file__", None)
-    if location and path.startswith(os.path.join(os.path.dirname(location), "")):
+    if location and path.startswith(os.path.join(os.path.dirname(os.path.realpath(location)), "")):
       return True
   stdlib = os.path.join(os.path.realpath(sysconfig.get_paths()["stdlib"]), "")
   return path.startswith(stdlib) and "-packages" not in path[len(stdlib) :]

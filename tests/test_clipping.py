@@ -358,6 +358,26 @@ def test_a_schedules_bad_value_is_an_error_outside_jit(name, bad):
     tx.update(g, state, g)
 
 
+@pytest.mark.parametrize(
+  "make, match",
+  [
+    (lambda bad: jaxclip.clip(lambda n: bad), "`max_delta` returned"),
+    (lambda bad: jaxclip.clippy(relative=lambda n: bad), "`relative` returned"),
+    (lambda bad: jaxclip.clippy(absolute=lambda n: bad), "`absolute` returned"),
+    (lambda bad: jaxclip.clip_by_value(lambda n: 2 + 0 * bad, 1.0), "min_value` 2.0 above"),
+  ],
+  ids=["clip", "clippy_relative", "clippy_absolute", "clip_by_value"],
+)
+def test_entrywise_schedules_are_checked_outside_jit(make, match):
+  g = {"a": jnp.array([3.0, -4.0])}
+  for bad in (-1.0, float("nan")):
+    tx = make(bad)
+    if "min_value" in match and np.isnan(bad):
+      continue
+    with pytest.raises(ValueError, match=match):
+      tx.update(g, tx.init(g), g)
+
+
 @pytest.mark.parametrize("bound_shape", [(3, 2), (3,), (2, 1, 1)])
 def test_clip_by_value_bounds_must_not_change_the_shape(bound_shape):
   g = {"w": jnp.ones((2,))} if bound_shape != (2, 1, 1) else {"w": jnp.ones((1, 2))}

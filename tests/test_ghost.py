@@ -385,6 +385,19 @@ def test_tiny_and_huge_per_example_norms_are_measured(layer, size):
     assert total <= 2 * clip * (1 + 1e-5), method
 
 
+def test_a_formed_gradient_at_the_top_of_the_float32_range():
+  # An entry of 2e38 in a formed (fallback) gradient: scaled by the largest
+  # power of two float32 holds, and the norm undone by the same one (it was
+  # doubled to inf and the example dropped).
+  x = jnp.zeros((2, 6, 4)).at[:, 0, 0].set(2e38)
+  out, want = _clipped_both_ways(
+    lambda p, b: jnp.sum(b @ p["v"], (1, 2)), {"v": jnp.ones((4, 1))}, x, 1e38
+  )
+  for method, (_, info) in out.items():
+    np.testing.assert_allclose(info.norms, want, rtol=1e-6, err_msg=method)
+    assert int(info.num_nonfinite) == 0 and int(info.num_clipped) == 2, method
+
+
 def test_one_huge_position_does_not_flush_the_others():
   # Position 0 holds activations of 1e21 (padding) with a zero cotangent,
   # or activations of 1e21 with cotangents of 1e-21: scaling each side by its

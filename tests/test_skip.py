@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import re
+import sys
 import traceback
 import warnings
 from typing import NamedTuple
@@ -283,6 +285,18 @@ def test_state_selected_after_a_sub_computation_warns_once(inner, cause, monkeyp
   with warnings.catch_warnings():
     warnings.simplefilter("error", _skip.StateCopyWarning)
     _guarded_step(inner)  # once per process
+
+
+def test_library_frames_are_known_through_symlinks(tmp_path, monkeypatch):
+  # jaxclip imported through a symlinked path: its module file is the link,
+  # the frames' files are resolved; both must be compared resolved.
+  real = pathlib.Path(_skip.__file__).resolve().parent
+  link = tmp_path / "jaxclip"
+  link.symlink_to(real, target_is_directory=True)
+  monkeypatch.setattr(sys.modules["jaxclip"], "__file__", str(link / "__init__.py"))
+  assert _skip._is_library(str(real / "_skip.py"))
+  assert _skip._is_library(str(link / "_skip.py"))
+  assert not _skip._is_library(__file__)
 
 
 def test_a_state_updated_in_place_does_not_warn(monkeypatch):
