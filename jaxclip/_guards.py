@@ -144,6 +144,8 @@ def skip_on_spike(
     ValueError: For `window < 2`, `min_history` outside ``[2, window]`` or a
       concrete negative or NaN `n_sigma`; at `update`, for a `loss` that is
       not a scalar.
+    TypeError: If `inner` is not a transformation (an uncalled optimizer
+      factory such as `optax.sgd`, say) or `two_sided` is not a bool.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -288,6 +290,8 @@ def skip_nonfinite(
 
   Raises:
     ValueError: If `max_consecutive` is negative.
+    TypeError: If `inner` is not a transformation (an uncalled optimizer
+      factory such as `optax.sgd`, say).
 
   Examples:
     >>> import jax.numpy as jnp
