@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxclip import _norms
 from jaxclip._ghost_trace import Program, Use, explicitly_sharded
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -271,7 +272,7 @@ def norm(
   square's underflow or overflow."""
   if not ghost:
     _, _, ka, kb = sizes[0]
-    return _scaled_norm(sum(_materialized(a, b, ka, kb) for a, b in factors))
+    return _norms.tree_norm([sum(_materialized(a, b, ka, kb) for a, b in factors)], 2.0)
   exponent = jnp.zeros((), jnp.int32)
   if balance:
     factors, exponent = _balanced(factors)
@@ -282,15 +283,6 @@ def norm(
       term = jnp.sum(_gram(a, c) * _gram(b, d))
       out = out + (term if i == j else 2 * term)
   return _times_power_of_two(jnp.sqrt(jnp.maximum(out, 0)), exponent)
-
-
-def _scaled_norm(x: jax.Array) -> jax.Array:
-  """The Euclidean norm of float32 `x`, its entries scaled by a power of two
-  near their largest magnitude first: their squares neither underflow nor
-  overflow (an inf or NaN entry gives an inf or NaN norm)."""
-  e = jnp.clip(_exponent_of(jnp.max(jnp.abs(x), initial=0)), -126, 126)
-  scaled = x * _power_of_two(-e)
-  return _times_power_of_two(jnp.sqrt(jnp.sum(jnp.square(scaled))), e)
 
 
 def _times_power_of_two(x: jax.Array, e: jax.Array) -> jax.Array:
