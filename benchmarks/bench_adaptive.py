@@ -93,6 +93,9 @@ def main() -> None:
     "skip_nonfinite": lambda: skip_nonfinite(
       optax.chain(jaxclip.clip_by_global_norm(1.0), adamw())
     ),
+    "skip_large_norm": lambda: jaxclip.skip_large_norm(
+      optax.chain(jaxclip.clip_by_global_norm(1.0), adamw()), 100.0
+    ),
   }
   baseline = lambda: optax.chain(jaxclip.clip_by_global_norm(1.0), adamw())  # noqa: E731
   print(f"{n / 1e6:.1f}M parameters, {len(jax.tree.leaves(params))} tensors, {jax.devices()[0]}")

@@ -76,6 +76,7 @@ TRANSFORMS: dict[str, Callable[[], optax.GradientTransformation]] = {
   ),
   "skip_nonfinite(... + adam)": _adam_guard(jaxclip.skip_nonfinite),
   "skip_on_spike(... + adam)": _adam_guard(jaxclip.skip_on_spike),
+  "skip_large_norm(... + adam)": _adam_guard(jaxclip.skip_large_norm, max_norm=100.0),
 }
 
 

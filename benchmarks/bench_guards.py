@@ -38,6 +38,7 @@ def main() -> None:
     "optax.apply_if_finite": lambda: optax.apply_if_finite(optax.adamw(1e-4), 5),
     "jaxclip.skip_nonfinite": lambda: jaxclip.skip_nonfinite(optax.adamw(1e-4)),
     "jaxclip.skip_on_spike": lambda: jaxclip.skip_on_spike(optax.adamw(1e-4)),
+    "jaxclip.skip_large_norm": lambda: jaxclip.skip_large_norm(optax.adamw(1e-4), 100.0),
   }
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, optax {optax.__version__}")
   print(f"{'variant':<24}{'donated':>12}{'vs adamw':>10}{'not donated':>14}{'vs adamw':>10}")

@@ -29,8 +29,10 @@ from jaxclip._dp import dp_epsilon as dp_epsilon
 from jaxclip._dp import noisy_mean as noisy_mean
 from jaxclip._ghost import ClippedGradInfo as ClippedGradInfo
 from jaxclip._ghost import clipped_grad as clipped_grad
+from jaxclip._guards import SkipLargeNormState as SkipLargeNormState
 from jaxclip._guards import SkipNonFiniteState as SkipNonFiniteState
 from jaxclip._guards import SkipOnSpikeState as SkipOnSpikeState
+from jaxclip._guards import skip_large_norm as skip_large_norm
 from jaxclip._guards import skip_nonfinite as skip_nonfinite
 from jaxclip._guards import skip_on_spike as skip_on_spike
 from jaxclip._norms import global_norm as global_norm
@@ -66,6 +68,7 @@ __all__ = [
   "PerTensorClipState",
   "QuantileClipState",
   "RecordNormsState",
+  "SkipLargeNormState",
   "SkipNonFiniteState",
   "SkipOnSpikeState",
   "SpamClipState",
@@ -92,6 +95,7 @@ __all__ = [
   "plot_norms",
   "quantile_clip",
   "record_norms",
+  "skip_large_norm",
   "skip_nonfinite",
   "skip_on_spike",
   "spam_clip",

@@ -1,4 +1,5 @@
-"""Guards that skip whole optimizer steps: on loss or norm spikes, on inf/NaN."""
+"""Guards that skip whole optimizer steps: on loss or norm spikes, on norms
+above a bound, on inf/NaN."""
 
 from __future__ import annotations
 
@@ -10,8 +11,16 @@ import jax.numpy as jnp
 import optax
 
 from jaxclip import _adaptive, _base, _norms, _skip, _validate
+from jaxclip._validate import Threshold
 
-__all__ = ["SkipNonFiniteState", "SkipOnSpikeState", "skip_nonfinite", "skip_on_spike"]
+__all__ = [
+  "SkipLargeNormState",
+  "SkipNonFiniteState",
+  "SkipOnSpikeState",
+  "skip_large_norm",
+  "skip_nonfinite",
+  "skip_on_spike",
+]
 
 
 class SkipOnSpikeState(NamedTuple):
@@ -333,6 +342,125 @@ def skip_nonfinite(
       state.applied_nonfinite + give_up.astype(jnp.int32),
       inner_state,
     )
+    return updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class SkipLargeNormState(NamedTuple):
+  """State of `skip_large_norm`.
+
+  Attributes:
+    count: Number of steps seen, skipped ones included (int32).
+    norm: Global norm of the gradients at the last step.
+    threshold: The bound `max_norm` in force at the last step.
+    skipped: Whether the last step was skipped.
+    total_skipped: Number of steps skipped so far (int32).
+    inner_state: The state of the wrapped optimizer.
+  """
+
+  count: jax.Array
+  norm: jax.Array
+  threshold: jax.Array
+  skipped: jax.Array
+  total_skipped: jax.Array
+  inner_state: Any
+
+  stats_name = "skip_large_norm"
+
+  def summary(self) -> dict[str, jax.Array]:
+    """What `jaxclip.stats` reports (the inner state is reported on its own)."""
+    return {
+      "global_norm": self.norm,
+      "threshold": self.threshold,
+      "skipped": self.skipped,
+      "total_skipped": self.total_skipped,
+      "count": self.count,
+    }
+
+
+def skip_large_norm(
+  inner: optax.GradientTransformation,
+  max_norm: Threshold,
+  *,
+  axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Skips steps whose gradient norm exceeds a fixed bound.
+
+  A step whose global gradient norm is above `max_norm`, or not finite, gives
+  a zero update and leaves the inner optimizer's state untouched: the rule of
+  axlearn's ``skip_and_clip_by_global_norm`` with a fixed ``drop_norm`` (its
+  GPT recipes skip above 100 and clip to 1). Where clipping bounds every step
+  and still takes it, this guard drops a step whose gradient is so large that
+  its direction is not trusted (a bad batch, a loss spike) and keeps the
+  optimizer's moments free of it. Chain a clipper inside `inner` to clip the
+  steps that are kept:
+  ``skip_large_norm(optax.chain(clip_by_global_norm(1.0), optax.adamw(lr)), 100.0)``.
+  The inner step runs as in `skip_on_spike` (see its "Cost" paragraph): not
+  branched, and the norm is the one an inner `clip_by_global_norm` computes.
+
+  A norm equal to `max_norm` is kept (axlearn skips it too). For a bound that
+  follows the run's own norms rather than a fixed scale, see `skip_on_spike`.
+
+  Args:
+    inner: The optimizer to guard; extra arguments are forwarded to it.
+    max_norm: The largest global norm of a step that is taken (>= 0), a
+      constant or a schedule of the step count (skipped steps counted).
+    axis_name: Inside `jax.shard_map` or `jax.pmap` with gradients split over
+      devices, the mapped axis to sum the partial norms over, so that every
+      device sees the same norm and every device skips the same steps. Not
+      needed under plain `jax.jit` with sharded arrays.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a
+    `SkipLargeNormState`.
+
+  Raises:
+    ValueError: If a concrete `max_norm` is negative or NaN.
+    TypeError: If `inner` is not a transformation (an uncalled optimizer
+      factory such as `optax.sgd`, say) or `max_norm` is not a real number,
+      array or schedule.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import jaxclip
+    >>> opt = jaxclip.skip_large_norm(optax.sgd(1.0), max_norm=10.0)
+    >>> state = opt.init(jnp.zeros(2))
+    >>> u, state = opt.update(jnp.array([30.0, 40.0]), state)
+    >>> u, float(state.norm), bool(state.skipped)
+    (Array([0., 0.], dtype=float32), 50.0, True)
+
+  References:
+    axlearn, ``axlearn.common.optimizers.skip_and_clip_by_global_norm``;
+    Chowdhery et al., [PaLM: Scaling Language Modeling with
+    Pathways](https://arxiv.org/abs/2204.02311), 2022 (skipping batches
+    around loss spikes).
+  """
+  _validate.check_threshold(max_norm, "max_norm")
+  inner = _base.with_extra_args(inner)
+
+  def init_fn(params):
+    dtype = _base.record_dtype(params)
+    zero = _base.zero_count  # a fresh array per field: donated states share no buffer
+    return SkipLargeNormState(
+      zero(), jnp.zeros([], dtype), jnp.zeros([], dtype), jnp.zeros([], bool), zero(),
+      inner.init(params),
+    )  # fmt: skip
+
+  def update_fn(updates, state, params=None, **extra_args):
+    _base.expect_state(state, SkipLargeNormState, "skip_large_norm")
+    dtype = state.norm.dtype
+    norm = _norms.global_norm(updates, axis_name=axis_name).astype(dtype)
+    threshold = _base.resolve(max_norm, state.count, dtype, "max_norm")
+    skip = ~(norm <= threshold)  # a NaN norm fails the test: skipped
+    updates, inner_state = _skip.skippable_update(
+      inner, skip, updates, state.inner_state, params, extra_args
+    )
+    new_state = SkipLargeNormState(
+      state.count + 1, norm, threshold, skip, state.total_skipped + skip.astype(jnp.int32),
+      inner_state,
+    )  # fmt: skip
     return updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -175,7 +175,8 @@ def stats(
   as ``ratio_max`` and the same three); with `params`,
   each tensor is also reported as ``{prefix}/norm/layer1/kernel``,
   ``.../scale/...``, ``.../clipped/...``. `skip_on_spike` reports
-  ``skipped`` and ``total_skipped``; `skip_nonfinite` reports ``nonfinite``
+  ``skipped`` and ``total_skipped`` (and `skip_large_norm` its
+  ``threshold`` too); `skip_nonfinite` reports ``nonfinite``
   (the last step's gradients were not finite), ``total_skipped``,
   ``consecutive_nonfinite`` and ``applied_nonfinite``;
   `optax.apply_if_finite` reports ``nonfinite``, ``total_nonfinite`` and
@@ -186,7 +187,7 @@ def stats(
   With several records, each key gets a qualifier after the prefix: the
   record's name (``clip_by_global_norm``, ``clip_by_value``, ``per_tensor``,
   ``autoclip``, ``adagc``, ``quantile_clip``, ``zclip``, ``spam_clip``,
-  ``stable_spam_clip``, ``clippy``, ``skip_on_spike``, ``skip_nonfinite``,
+  ``stable_spam_clip``, ``clippy``, ``skip_on_spike``, ``skip_large_norm``, ``skip_nonfinite``,
   ``apply_if_finite``, ``record_norms``, ``inject_hyperparams``) when no other record has the same name, otherwise
   its path in the state followed by its name (chain indices and partition
   labels; wrapper fields such as ``inner_state`` are left out), e.g.

@@ -72,6 +72,11 @@ TRANSFORMS = {
   ),
   "clippy": (lambda: jaxclip.clippy(0.1, 1e-3), {"relative": 0.1, "absolute": 1e-3}, True),
   "record_norms": (lambda: jaxclip.record_norms(8), {"num_steps": 8}, False, ("num_steps",)),
+  "skip_large_norm": (
+    lambda: jaxclip.skip_large_norm(optax.identity(), 100.0),
+    {"inner": optax.identity(), "max_norm": 100.0},
+    False,
+  ),
   "skip_nonfinite": (
     lambda: jaxclip.skip_nonfinite(optax.identity(), max_consecutive=3),
     {"inner": optax.identity(), "max_consecutive": 3},
@@ -285,6 +290,8 @@ def _stateful_guard(name):
   """The guards around a stateful inner optimizer (adam), not only identity."""
   if name == "skip_on_spike":
     return jaxclip.skip_on_spike(optax.adam(0.1), window=8, min_history=4)
+  if name == "skip_large_norm":
+    return jaxclip.skip_large_norm(optax.adam(0.1), 100.0)
   return jaxclip.skip_nonfinite(optax.adam(0.1), max_consecutive=3)
 
 

@@ -1,6 +1,8 @@
-"""Tests of skip_on_spike and skip_nonfinite."""
+"""Tests of skip_on_spike, skip_large_norm and skip_nonfinite."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +10,15 @@ import numpy as np
 import optax
 import pytest
 
-from jaxclip import SkipNonFiniteState, SkipOnSpikeState, skip_nonfinite, skip_on_spike
+import jaxclip
+from jaxclip import (
+  SkipLargeNormState,
+  SkipNonFiniteState,
+  SkipOnSpikeState,
+  skip_large_norm,
+  skip_nonfinite,
+  skip_on_spike,
+)
 
 
 def ref_skip_on_spike(
@@ -235,7 +245,10 @@ def test_skip_nonfinite_forwards_extra_args():
   assert seen[-1]["loss"] == 1.5
 
 
-@pytest.mark.parametrize("guard", [skip_nonfinite, skip_on_spike])
+GUARDS = [skip_nonfinite, skip_on_spike, functools.partial(skip_large_norm, max_norm=10.0)]
+
+
+@pytest.mark.parametrize("guard", GUARDS)
 def test_guards_forward_extra_args_through_multisteps(guard):
   # MultiSteps takes extra keyword arguments without being a
   # GradientTransformationExtraArgs: they still reach what it wraps.
@@ -263,7 +276,7 @@ def test_a_plain_transformation_gets_no_extra_args():
   assert np.all(np.isfinite(np.asarray(u["w"])))
 
 
-@pytest.mark.parametrize("guard", [skip_nonfinite, skip_on_spike])
+@pytest.mark.parametrize("guard", GUARDS)
 def test_guards_refuse_what_is_not_a_transformation(guard):
   with pytest.raises(TypeError, match=r"`inner` must be an optax.GradientTransformation.*call it"):
     guard(optax.sgd)  # the factory, not an optimizer
@@ -300,3 +313,78 @@ def test_skip_on_spike_follows_a_lasting_change_of_level():
     level = 1.0 if i < 30 else 10.0
     _, state = step(jnp.array([level * (1 + 0.05 * np.sin(i)), 0.0]), state)
   assert bool(state.skipped)
+
+
+def test_skip_large_norm_skips_exactly_the_norms_above_the_bound():
+  # axlearn's fixed `drop_norm` rule: a step is taken iff its norm is finite
+  # and at most the bound (a norm equal to it is taken).
+  norms = [1.0, 50.0, 10.0, np.inf, 10.5, np.nan, 3.0, 200.0, 0.0]
+  opt = skip_large_norm(optax.adam(0.1), 10.0)
+  params = {"w": jnp.zeros(4)}
+  state = opt.init(params)
+  assert isinstance(state, SkipLargeNormState)
+  step = jax.jit(opt.update)
+  skipped = []
+  for n in norms:
+    g = {"w": jnp.full(4, n / 2)}  # global norm n
+    before = state.inner_state
+    u, state = step(g, state, params)
+    skipped.append(bool(state.skipped))
+    if skipped[-1]:
+      np.testing.assert_array_equal(u["w"], np.zeros(4))
+      jax.tree.map(np.testing.assert_array_equal, state.inner_state, before)
+    else:
+      assert np.all(np.isfinite(np.asarray(u["w"])))
+  assert skipped == [not (n <= 10.0) for n in norms]
+  assert int(state.total_skipped) == 5 and int(state.count) == len(norms)
+  # The inner optimizer saw only the steps that were taken.
+  assert int(state.inner_state[0].count) == len(norms) - 5
+  assert float(state.threshold) == 10.0 and float(state.norm) == 0.0
+
+
+def test_skip_large_norm_then_clip_matches_the_unguarded_chain_on_kept_steps():
+  # axlearn's recipe: skip above 100, clip to 1 what is kept. On the kept
+  # steps the guarded chain is the plain chain run on those steps alone.
+  chain = optax.chain(jaxclip.clip_by_global_norm(1.0), optax.adam(0.1))
+  guarded = skip_large_norm(chain, 100.0)
+  params = {"w": jnp.zeros(3)}
+  gs, ps = guarded.init(params), chain.init(params)
+  for n in (5.0, 400.0, 0.5, 150.0, 80.0):
+    g = {"w": jnp.array([n, 0.0, 0.0])}
+    u, gs = guarded.update(g, gs, params)
+    if n <= 100.0:
+      want, ps = chain.update(g, ps, params)
+      np.testing.assert_allclose(u["w"], want["w"], rtol=1e-6)
+    else:
+      np.testing.assert_array_equal(u["w"], np.zeros(3))
+  assert int(gs.total_skipped) == 2
+
+
+def test_skip_large_norm_with_a_schedule_and_a_traced_bound():
+  # A schedule of the step count (skipped steps counted), and a bound given
+  # by optax.inject_hyperparams (a traced value).
+  opt = skip_large_norm(optax.sgd(1.0), lambda count: 1.0 + count)
+  state = opt.init(jnp.zeros(2))
+  skipped = []
+  for _ in range(4):
+    _, state = jax.jit(opt.update)(jnp.array([2.5, 0.0]), state)
+    skipped.append((bool(state.skipped), float(state.threshold)))
+  assert skipped == [(True, 1.0), (True, 2.0), (False, 3.0), (False, 4.0)]
+  injected = optax.inject_hyperparams(skip_large_norm)(inner=optax.sgd(1.0), max_norm=2.0)
+  state = injected.init(jnp.zeros(2))
+  _, state = jax.jit(injected.update)(jnp.array([2.5, 0.0]), state)
+  assert bool(state.inner_state.skipped)
+
+
+def test_skip_large_norm_bad_arguments():
+  with pytest.raises(ValueError, match="max_norm"):
+    skip_large_norm(optax.sgd(1.0), -1.0)
+  with pytest.raises(ValueError, match="max_norm"):
+    skip_large_norm(optax.sgd(1.0), float("nan"))
+  with pytest.raises(TypeError, match="max_norm"):
+    skip_large_norm(optax.sgd(1.0), "10")
+  opt = skip_large_norm(optax.sgd(1.0), lambda count: -1.0)
+  with pytest.raises(ValueError, match=r"schedule given as `max_norm` returned -1.0 at step 0"):
+    opt.update(jnp.ones(2), opt.init(jnp.zeros(2)))
+  with pytest.raises(TypeError, match="SkipLargeNormState"):
+    opt.update(jnp.ones(2), optax.EmptyState())

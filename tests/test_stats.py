@@ -34,6 +34,7 @@ WRAPPERS = {
   "multi_steps": lambda t: optax.MultiSteps(optax.chain(t, optax.sgd(0.1)), 1),
   "apply_if_finite": lambda t: optax.apply_if_finite(t, 2),
   "skip_nonfinite": jaxclip.skip_nonfinite,
+  "skip_large_norm": lambda t: jaxclip.skip_large_norm(t, 100.0),
   "partition": lambda t: optax.partition(
     {"a": t, "b": optax.set_to_zero()}, jax.tree.map(lambda _: "a", PARAMS)
   ),
@@ -47,9 +48,12 @@ def test_finds_global_clip_through_wrappers(wrapper, jit):
   norm_key = next(k for k in out if k.endswith("/global_norm"))
   np.testing.assert_allclose(out[norm_key], NORM, rtol=1e-6)
   assert all(isinstance(v, jax.Array) and v.shape == () for v in out.values())
-  if wrapper in ("apply_if_finite", "skip_nonfinite"):
+  if wrapper in ("apply_if_finite", "skip_nonfinite", "skip_large_norm"):
     total = "total_nonfinite" if wrapper == "apply_if_finite" else "total_skipped"
     assert f"clip/{wrapper}/{total}" in out
+    if wrapper == "skip_large_norm":  # the guard's norm is the clipper's
+      np.testing.assert_allclose(out["clip/skip_large_norm/global_norm"], NORM, rtol=1e-6)
+      assert float(out["clip/skip_large_norm/threshold"]) == 100.0
     assert "clip/clip_by_global_norm/scale" in out
   else:
     assert _suffixes(out) == GLOBAL_KEYS

@@ -198,6 +198,7 @@ ADAPTIVE_WITH_AXIS = {
     optax.adam(0.1), window=4, n_sigma=1.0, min_history=2, axis_name=ax
   ),
   "skip_nonfinite": lambda ax: jaxclip.skip_nonfinite(optax.adam(0.1), axis_name=ax),
+  "skip_large_norm": lambda ax: jaxclip.skip_large_norm(optax.adam(0.1), 15000.0, axis_name=ax),
 }
 
 
@@ -254,7 +255,9 @@ def test_guards_under_sharded_jit_with_donation(axis_type):
   mesh = jax.make_mesh((8,), ("d",), axis_types=(axis_type,))
   steps = _gradient_steps()
   host_params = jax.tree.map(jnp.zeros_like, steps[0])
-  for make in (ADAPTIVE_WITH_AXIS["skip_nonfinite"], ADAPTIVE_WITH_AXIS["skip_on_spike"]):
+  for make in (
+    ADAPTIVE_WITH_AXIS[name] for name in ("skip_nonfinite", "skip_on_spike", "skip_large_norm")
+  ):
     tx = optax.with_extra_args_support(make(None))
 
     def step(params, state, grads, tx=tx):
@@ -291,6 +294,7 @@ TRANSFORMS = {
   "quantile_clip": lambda: jaxclip.quantile_clip(initial_max_norm=0.5),
   "skip_on_spike": lambda: jaxclip.skip_on_spike(optax.adam(0.1), window=8, min_history=4),
   "skip_nonfinite": lambda: jaxclip.skip_nonfinite(optax.adam(0.1)),
+  "skip_large_norm": lambda: jaxclip.skip_large_norm(optax.adam(0.1), 100.0),
   "record_norms": lambda: jaxclip.record_norms(8),
   "spam_clip": lambda: jaxclip.spam_clip(2.0, 0.5, start_step=2),
   "stable_spam_clip": lambda: jaxclip.stable_spam_clip(0.9, adaptive_norm=True),
