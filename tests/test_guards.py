@@ -388,3 +388,55 @@ def test_skip_large_norm_bad_arguments():
     opt.update(jnp.ones(2), opt.init(jnp.zeros(2)))
   with pytest.raises(TypeError, match="SkipLargeNormState"):
     opt.update(jnp.ones(2), optax.EmptyState())
+
+
+def _maxtext_rule(norms, losses, interval, k):
+  """MaxText's `skip_step_on_spikes`: mean + k * sample std of the last
+  `interval` values (skipped ones included), tested once
+  count + 1 >= max(2, interval // 2)."""
+  hist_n, hist_l, skips = [], [], []
+  for n, loss in zip(norms, losses, strict=True):
+    gate = len(hist_n) + 1 >= max(2, interval // 2)
+
+    def out(v, h):
+      return v - np.mean(h) > k * np.std(h, ddof=1)
+
+    skips.append(bool(gate and (out(n, hist_n) or out(loss, hist_l))))
+    hist_n, hist_l = (hist_n + [n])[-interval:], (hist_l + [loss])[-interval:]
+  return skips
+
+
+def _levanter_rule(norms, losses, length, k):
+  """Levanter's `skip_step`: mean + k * max(population std, 1e-6) of the last
+  `length` values (skipped ones included), tested once `max(2, length // 2)`
+  values are known."""
+  hist_n, hist_l, skips = [], [], []
+  for n, loss in zip(norms, losses, strict=True):
+
+    def out(v, h):
+      return v > np.mean(h) + k * max(np.std(h), 1e-6)
+
+    gate = len(hist_n) >= max(2, length // 2)
+    skips.append(bool(gate and (out(n, hist_n) or out(loss, hist_l))))
+    hist_n, hist_l = (hist_n + [n])[-length:], (hist_l + [loss])[-length:]
+  return skips
+
+
+def test_skip_on_spike_ports_maxtext_and_levanter():
+  # The argument mappings given in docs/adaptive.md.
+  rng = np.random.default_rng(0)  # heavy-tailed: many steps near the band
+  norms = np.exp(rng.normal(0, 0.3, 300)).astype(np.float32).astype(np.float64)
+  losses = (2.0 + 0.05 * rng.standard_t(3, 300)).astype(np.float32).astype(np.float64)
+  norms[7] *= 5  # the first step MaxText may skip (7 earlier values)
+  interval, k = 16, 3.0
+  maxtext = skip_on_spike(optax.sgd(1.0), interval, k, max(2, interval // 2) - 1)
+  got = [bool(s.skipped) for _, s in _run(maxtext, norms, losses)]
+  want = _maxtext_rule(norms, losses, interval, k)
+  assert got == want and sum(want) >= 5
+  # Levanter's population std: equal decisions once the window is full.
+  levanter = skip_on_spike(
+    optax.sgd(1.0), interval, k * np.sqrt((interval - 1) / interval), max(2, interval // 2)
+  )
+  got = [bool(s.skipped) for _, s in _run(levanter, norms, losses)]
+  want = _levanter_rule(norms, losses, interval, k)
+  assert got[interval:] == want[interval:] and sum(want[interval:]) >= 5
