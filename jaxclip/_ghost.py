@@ -21,9 +21,9 @@ class ClippedGradInfo(NamedTuple):
 
   Attributes:
     losses: ``[B]`` the loss of each example, as `loss_fn` computed it.
-    norms: ``[B]`` float32, the global L2 norm of each example's gradient
-      (over every parameter) before clipping; inf or NaN where the gradient
-      is not finite.
+    norms: ``[B]``, the global L2 norm of each example's gradient (over
+      every parameter) before clipping; inf or NaN where the gradient is not
+      finite. Float32 (float64 with `method="vmap"` and float64 parameters).
     num_clipped: int32, the number of examples scaled down, non-finite ones
       included.
     num_nonfinite: int32, the number of examples whose loss or gradient is

@@ -22,6 +22,7 @@ Uses that carry no gradient (`stop_gradient`, comparisons) are not recorded.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -199,7 +200,7 @@ def _observe(prog: Program, index: int, op: Op) -> None:
     return  # integer or boolean results carry no gradient
   if len(view_pos) == 1 and len(op.outs) == 1 and op.outs[0] >= 0:
     view = prog.views[op.ins[view_pos[0]]]
-    extended = _extend(view, index, op)
+    extended = _extend(view, index, op, prog.shape(op.ins[view_pos[0]]))
     if extended is not None:
       prog.views[op.outs[0]] = extended
       return
@@ -208,8 +209,9 @@ def _observe(prog: Program, index: int, op: Op) -> None:
     prog.uses.append(Use(index, k, view, _kind(op, k)))
 
 
-def _extend(view: View, index: int, op: Op) -> View | None:
-  """The view `op` makes of `view`, or None if `op` is not a view op."""
+def _extend(view: View, index: int, op: Op, in_shape: tuple[int, ...]) -> View | None:
+  """The view `op` makes of `view` (of shape `in_shape`), or None if `op` is
+  not a view op."""
   if op.prim is prims.convert_element_type_p:
     if not jnp.issubdtype(op.params["new_dtype"], jnp.floating):
       return None
@@ -220,18 +222,18 @@ def _extend(view: View, index: int, op: Op) -> View | None:
       perm = tuple(perm[a] for a in op.params["permutation"])
     return View(view.param, view.chain + (index,), perm, view.iso)
   if op.prim in _RESHAPING or op.prim in _SELECTING:
-    return View(view.param, view.chain + (index,), None, view.iso and _keeps_size(op))
+    iso = view.iso and _keeps_size(op, in_shape)
+    return View(view.param, view.chain + (index,), None, iso)
   return None
 
 
-def _keeps_size(op: Op) -> bool:
-  """Whether a reshaping or selecting op keeps every entry exactly once."""
+def _keeps_size(op: Op, in_shape: tuple[int, ...]) -> bool:
+  """Whether a reshaping or selecting op keeps every entry exactly once: a
+  broadcast that repeats entries (along a new axis or an axis of size 1) or
+  a slice does not."""
   if op.prim in _SELECTING:
     return False
-  if op.prim is prims.broadcast_in_dim_p:
-    dims = op.params["broadcast_dimensions"]
-    return all(d == 1 for k, d in enumerate(op.params["shape"]) if k not in dims)
-  return True
+  return math.prod(op.out_avals[0].shape) == math.prod(in_shape)
 
 
 def _kind(op: Op, pos: int) -> str:

@@ -465,6 +465,48 @@ def test_a_slice_at_a_constant_start_is_a_lookup():
   _assert_trees_close(out["ghost"][0], out["vmap"][0], 1e-6)
 
 
+def _stretched(kind):
+  """A weight whose axis of size 1 is broadcast (repeating its entries)
+  before a dense, conv or lookup use: the loss, params and batch."""
+  k = _keys(4)
+  if kind == "dense":
+    params = {"w": jax.random.normal(k[0], (1, 7))}
+    batch = jax.random.normal(k[1], (4, 5, 6))
+    return (
+      (lambda p, b: jnp.sum(jnp.tanh(b @ jnp.broadcast_to(p["w"], (6, 7))), (1, 2))),
+      params,
+      batch,
+    )
+  if kind == "conv":
+    params = {"k": jax.random.normal(k[0], (1, 1, 3, 4))}
+    batch = jax.random.normal(k[1], (4, 6, 6, 3))
+    dims = ("NHWC", "HWIO", "NHWC")
+
+    def loss(p, b):
+      kernel = jnp.broadcast_to(p["k"], (3, 3, 3, 4))
+      out = lax.conv_general_dilated(b, kernel, (1, 1), "SAME", dimension_numbers=dims)
+      return jnp.sum(jnp.tanh(out), (1, 2, 3))
+
+    return loss, params, batch
+  params = {"e": jax.random.normal(k[0], (5, 1))}
+  batch = jax.random.randint(k[1], (4, 6), 0, 5)
+  return (lambda p, b: jnp.sum(jnp.sin(jnp.broadcast_to(p["e"], (5, 4))[b]), (1, 2))), params, batch
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv", "lookup"])
+def test_a_weight_broadcast_along_an_axis_of_size_one_is_measured_whole(kind):
+  # Each entry of the weight is used several times: its gradient is the sum
+  # of those uses, not a gradient of the broadcast copy. Ghost cannot measure
+  # it without forming it (an error); auto forms it and matches vmap.
+  loss, params, batch = _stretched(kind)
+  with pytest.raises(ValueError, match=r"(?s)method='ghost'.*broadcast"):
+    jaxclip.clipped_grad(loss, 1.0, method="ghost")(params, batch)
+  got, info = jax.jit(jaxclip.clipped_grad(loss, 0.1))(params, batch)
+  want, want_info = jax.jit(jaxclip.clipped_grad(loss, 0.1, method="vmap"))(params, batch)
+  np.testing.assert_allclose(info.norms, want_info.norms, rtol=1e-5)
+  _assert_trees_close(got, want, 1e-5)
+
+
 def test_a_real_weight_on_complex_activations_is_not_ghost_clipped():
   w = jnp.eye(2)
   x = jnp.array([[[1j, 0.0], [0.0, 1j]], [[1.0, 1j], [2j, 0.0]]], jnp.complex64)
