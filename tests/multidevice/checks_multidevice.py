@@ -416,8 +416,8 @@ def _sweep_cases():
 # Known limitation (docs/sharding.md): under Auto axes the kernel cannot see
 # shardings inside jit, so the (24,) norm scale, small and of a shape no other
 # leaf has, is flattened into a padded group: XLA moves its shards
-# (collective-permute). Every transform measures a norm (clip_by_value its
-# max |x| and clipped fraction), so every one does it.
+# (collective-permute). Every transform that measures a whole-leaf norm does
+# it (clip_by_value its max |x| and clipped fraction).
 UNIQUE_SHARDED_UNDER_AUTO = "Auto axes: a small sharded leaf of a unique shape is padded and moved"
 
 
@@ -426,12 +426,14 @@ def _sweep_params():
   for axis_type in (AxisType.Explicit, AxisType.Auto):
     for transform, layout in _sweep_cases():
       marks = []
-      unitwise = transform in (
+      # Unit-wise norms and spam_clip's entry-wise ratios never flatten a leaf.
+      unpadded = transform in (
         "clip_by_norm_axis0",
         "adaptive_grad_clip",
         "adaptive_grad_clip_layers",
+        "spam_clip",
       )
-      if axis_type == AxisType.Auto and layout == "many_unique_sharded" and not unitwise:
+      if axis_type == AxisType.Auto and layout == "many_unique_sharded" and not unpadded:
         marks.append(pytest.mark.xfail(strict=True, reason=UNIQUE_SHARDED_UNDER_AUTO))
       params.append(
         pytest.param(
