@@ -22,6 +22,10 @@ Design:
   own axes: never reshaped, so never copied or gathered across devices.
   Leaves of 32 to 256 entries are stacked four at a time and the stacks
   joined, since XLA:CPU compiles one long concatenation of them slowly.
+* The squares of a leaf reduced in place are taken behind an
+  `optimization_barrier` (no copy): an optimizer given the same gradients
+  unscaled (Adam around which a guard sits) squares them too, and XLA would
+  merge the two, which XLA:CPU writes out as a full-size temporary.
 * Only floating and complex leaves contribute. Integer and boolean array
   leaves (and `None` or `optax.MaskedNode` subtrees) are not gradients and are
   skipped. Python numbers, and any other leaf that is not an array (a
