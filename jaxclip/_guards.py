@@ -399,7 +399,7 @@ def skip_large_norm(
   The inner step runs as in `skip_on_spike` (see its "Cost" paragraph): not
   branched, and the norm is the one an inner `clip_by_global_norm` computes.
 
-  A norm equal to `max_norm` is kept (axlearn skips it too). For a bound that
+  A norm equal to `max_norm` is kept (axlearn skips it). For a bound that
   follows the run's own norms rather than a fixed scale, see `skip_on_spike`.
 
   Args:
@@ -453,7 +453,7 @@ def skip_large_norm(
     dtype = state.norm.dtype
     norm = _norms.global_norm(updates, axis_name=axis_name).astype(dtype)
     threshold = _base.resolve(max_norm, state.count, dtype, "max_norm")
-    skip = ~(norm <= threshold)  # a NaN norm fails the test: skipped
+    skip = ~(jnp.isfinite(norm) & (norm <= threshold))  # inf/NaN skipped, also below an inf bound
     updates, inner_state = _skip.skippable_update(
       inner, skip, updates, state.inner_state, params, extra_args
     )

@@ -376,6 +376,22 @@ def test_skip_large_norm_with_a_schedule_and_a_traced_bound():
   assert bool(state.inner_state.skipped)
 
 
+def test_skip_large_norm_skips_nonfinite_norms_under_an_infinite_bound():
+  # math.inf (or a warm-up schedule giving it) takes every finite step but
+  # still skips inf and NaN ones, so Adam's moments stay finite.
+  for bound in (jnp.inf, lambda count: jnp.where(count < 1, jnp.inf, 100.0)):
+    opt = skip_large_norm(optax.adam(0.1), bound)
+    state = opt.init(jnp.zeros(2))
+    for g in ([jnp.inf, 1.0], [jnp.nan, 1.0], [-jnp.inf, 0.0]):
+      u, state = jax.jit(opt.update)(jnp.array(g), state, jnp.zeros(2))
+      np.testing.assert_array_equal(u, np.zeros(2))
+    assert int(state.total_skipped) == 3 and int(state.inner_state[0].count) == 0
+  opt = skip_large_norm(optax.sgd(1.0), jnp.inf)
+  u, state = opt.update(jnp.array([1e38, 1e38]), opt.init(jnp.zeros(2)))
+  assert not bool(state.skipped)  # a finite norm near the float32 limit is taken
+  np.testing.assert_allclose(float(state.norm), 2**0.5 * 1e38, rtol=1e-6)
+
+
 def test_skip_large_norm_bad_arguments():
   with pytest.raises(ValueError, match="max_norm"):
     skip_large_norm(optax.sgd(1.0), -1.0)
